@@ -1,0 +1,162 @@
+//! The daemon: opens the storage, starts the pipeline and the MQTT session, reports to systemd, and stops
+//! cleanly on SIGTERM.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, info, warn};
+
+use crate::broker::{self, Role};
+use crate::config::Config;
+use crate::health::Health;
+use crate::index::{Index, Recovery};
+use crate::pipeline::{self, Pipeline};
+use crate::session::{self, Session};
+use crate::storage::{self, PathError};
+use crate::{cli, shutdown, systemd};
+
+/// Mode of the folders imaged creates: the service's group may read, nobody else.
+const DIR_MODE: u32 = 0o750;
+
+pub fn run(config: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let broker_name = format!("{}:{}", config.broker.host, config.broker.port);
+    info!(
+        "imaged {} starting: broker {broker_name} as '{}', uploads '{}', storage {}",
+        env!("CARGO_PKG_VERSION"),
+        config.client_id(),
+        config.topics.upload,
+        config.storage.dir.display()
+    );
+    let limits = &config.limits;
+    let inflight = limits.inflight_images.min(u16::MAX as usize - 16) as u16;
+    let (client, eventloop) = match broker::connect(
+        &config.broker,
+        config.client_id(),
+        config.max_packet_bytes(),
+        Role::Daemon {
+            inflight: inflight + 16,
+        },
+    ) {
+        Ok(pair) => pair,
+        Err((key, message)) => return cli::config_error(&config.error(&key, message)),
+    };
+    let (index, recovery) = match open_storage(&config) {
+        Ok(opened) => opened,
+        Err(e) => {
+            error!("Storage cannot be used: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    log_recovery(&recovery);
+
+    let health = Arc::new(Health::default());
+    let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
+    let settings = pipeline::Settings {
+        image_dir: config.storage.dir.clone(),
+        quarantine_dir: config.quarantine_dir(),
+        file_mode: config.file_mode(),
+        max_image_bytes: config.storage.max_image_bytes,
+        writers: config.storage.writers,
+        republish_images: inflight as usize,
+        republish_bytes: limits.inflight_bytes,
+    };
+    let pipeline = Pipeline::start(
+        settings,
+        index,
+        recovery.unconfirmed,
+        outcomes_tx,
+        health.clone(),
+    );
+    let session = Session::new(
+        session::Settings {
+            broker: broker_name.clone(),
+            upload: config.topics.upload.clone(),
+            stored: config.topics.stored.clone(),
+            max_images: limits.inflight_images,
+            max_bytes: limits.inflight_bytes,
+            max_packet: config.max_packet_bytes(),
+        },
+        client,
+        pipeline.inbox.clone(),
+        health.clone(),
+    );
+    let supervisor = tokio::spawn(systemd::supervise(health.clone(), broker_name.clone()));
+    let ready_status = format!("connected to {broker_name}; ready");
+    let result = session
+        .run(eventloop, outcomes_rx, shutdown::requested(), || {
+            systemd::ready(&ready_status)
+        })
+        .await;
+    supervisor.abort();
+
+    // A thread stuck in the kernel must not keep the process from exiting: nothing unacknowledged is lost.
+    let joined = tokio::task::spawn_blocking(move || pipeline.join());
+    if tokio::time::timeout(Duration::from_secs(5), joined)
+        .await
+        .is_err()
+    {
+        warn!("the storage threads did not stop within 5s; exiting without them");
+    }
+    match result {
+        Ok(()) => {
+            info!("Stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("Stopping on an internal error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Creates the folders, removes temp files a crash left behind, proves the folders writable, and opens the
+/// index (recovering it after a crash).
+fn open_storage(config: &Config) -> Result<(Index, Recovery), PathError> {
+    let images = &config.storage.dir;
+    let quarantine = config.quarantine_dir();
+    let state = config.state_dir();
+    for dir in [images, &quarantine, &state] {
+        storage::create_dir(dir, DIR_MODE)?;
+    }
+    for dir in [images, &quarantine] {
+        let removed = storage::sweep_temp_files(dir)?;
+        if removed > 0 {
+            info!("Removed {removed} unfinished temp files from {} (writes cut short, never acknowledged)", dir.display());
+        }
+        // Writable now, or say so before READY.
+        drop(storage::write_temp(dir, b"", config.file_mode())?);
+    }
+    Index::open(&state, images, config.storage.dedup_window)
+}
+
+fn log_recovery(r: &Recovery) {
+    if r.bad_records > 0 || r.torn_bytes > 0 {
+        warn!(
+            "Index: skipped {} corrupted records and {} bytes of a torn last record (a crash mid-write); rebuilt",
+            r.bad_records, r.torn_bytes
+        );
+    }
+    for name in &r.dropped {
+        info!("Index: {name} was being stored when imaged stopped and never finished; the broker delivers it again");
+    }
+    info!(
+        "Index: {} images remembered for dedup, {} republishes to send",
+        r.entries,
+        r.unconfirmed.len()
+    );
+}

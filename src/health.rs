@@ -1,0 +1,118 @@
+//! What the daemon's parts share about themselves: signs of life for the watchdog, and the counters the
+//! systemd status line shows.
+//!
+//! A part that is waiting (for work, for the broker) is healthy; a part that started something and has not
+//! come back from it within the limit (a write stuck in the kernel, an event loop that no longer turns) is not.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+fn now_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+const IDLE: u64 = 0;
+
+/// One part's sign of life: when it last showed it, or that it is idle.
+#[derive(Debug, Default)]
+pub struct Beat(AtomicU64);
+
+impl Beat {
+    /// "I am working, and this is now."
+    pub fn beat(&self) {
+        self.0.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// "I am waiting for work": healthy however long it lasts.
+    pub fn idle(&self) {
+        self.0.store(IDLE, Ordering::Relaxed);
+    }
+
+    /// How long since the last beat, `None` when idle.
+    pub fn age(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            IDLE => None,
+            at => Some(Duration::from_millis(now_ms().saturating_sub(at))),
+        }
+    }
+}
+
+/// How often a loop that waits on several things must show a sign of life: often enough for a quarter of
+/// systemd's watchdog period, and at least twice a second.
+pub fn tick_period() -> Duration {
+    let watchdog = sd_notify::watchdog_enabled().unwrap_or(Duration::from_secs(4));
+    (watchdog / 8).clamp(Duration::from_millis(10), Duration::from_millis(500))
+}
+
+/// Counters for the status line.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connected: AtomicBool,
+    pub stored: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub rejected: AtomicU64,
+    pub republished: AtomicU64,
+    /// Unix time in ms of the last stored image; 0 before the first.
+    pub last_image_ms: AtomicU64,
+    /// Set while the disk refuses writes.
+    pub disk_trouble: AtomicBool,
+}
+
+impl Stats {
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The shared view: every part's beat and the counters.
+#[derive(Debug, Default)]
+pub struct Health {
+    beats: std::sync::Mutex<Vec<(String, Arc<Beat>)>>,
+    pub stats: Stats,
+}
+
+impl Health {
+    /// A new beat for a part called `name` (named in the log when it stalls).
+    pub fn register(&self, name: &str) -> Arc<Beat> {
+        let beat = Arc::new(Beat::default());
+        beat.beat();
+        self.beats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.to_string(), beat.clone()));
+        beat
+    }
+
+    /// The first part that has not beaten within `limit`, if any.
+    pub fn stalled(&self, limit: Duration) -> Option<(String, Duration)> {
+        let beats = self.beats.lock().unwrap_or_else(|e| e.into_inner());
+        beats.iter().find_map(|(name, beat)| {
+            beat.age()
+                .filter(|age| *age > limit)
+                .map(|age| (name.clone(), age))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_part_is_never_stalled_and_a_busy_one_is_after_the_limit() {
+        let health = Health::default();
+        let beat = health.register("writer");
+        assert_eq!(health.stalled(Duration::from_secs(1)), None);
+        beat.idle();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(health.stalled(Duration::from_millis(10)), None);
+        beat.beat();
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(
+            health.stalled(Duration::from_millis(10)).map(|(n, _)| n),
+            Some("writer".to_string())
+        );
+    }
+}

@@ -1,0 +1,765 @@
+//! The storage pipeline: from a received upload to "durable, may be acknowledged", and the republish queue.
+//!
+//! Threads, not async tasks, because every step here is a blocking syscall:
+//!
+//! * **writers** (`storage.writers` of them) hash a payload and write it to a temp file, fsynced, in
+//!   parallel;
+//! * the **committer** takes the written uploads in the order they arrived and commits them as a group: the
+//!   dedup check, one index write + fsync for the group, the renames, one folder fsync, and only then the
+//!   outcomes that let the session acknowledge. Acks therefore go out in receive order (as MQTT 3.1.1 asks),
+//!   and a group never waits for uploads that are still being written behind it.
+//!
+//! The committer also feeds republishes to the session, bounded in count and bytes; what does not fit in
+//! memory waits as an outbox entry in the index and is read back from the stored file when its turn comes.
+//! When the disk fails, uploads are held (not acknowledged) and retried with backoff; the broker keeps them.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use rumqttc::QoS;
+use sha2::{Digest, Sha256};
+use tempfile::TempPath;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, error, info, warn};
+
+use crate::backoff::Backoff;
+use crate::health::{Beat, Health, Stats};
+use crate::index::{Hash, Index};
+use crate::storage::{self, hex, Namer, PathError, Persisted, Rejection};
+
+/// An upload as the session hands it over. `gen` names the broker connection it came on.
+#[derive(Debug)]
+pub struct Upload {
+    pub seq: u64,
+    pub gen: u64,
+    pub pkid: u16,
+    pub qos: QoS,
+    pub topic: String,
+    pub payload: Bytes,
+    pub at: DateTime<Utc>,
+}
+
+/// What the committer hears.
+#[derive(Debug)]
+pub enum Inbox {
+    Upload(Upload),
+    /// A writer finished (or failed) writing upload `seq`.
+    Written {
+        seq: u64,
+        hash: Hash,
+        result: Result<TempPath, PathError>,
+    },
+    /// The broker acknowledged the republish of this image.
+    Confirmed(Hash),
+    /// These republishes were lost with the broker session and must be sent again.
+    Lost(Vec<(Hash, String)>),
+    Shutdown,
+}
+
+/// What the committer tells the session.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The upload is settled (stored, a duplicate, quarantined or refused): acknowledge it.
+    Settled {
+        gen: u64,
+        pkid: u16,
+        qos: QoS,
+        bytes: usize,
+    },
+    /// Publish this stored image on the stored topic.
+    Republish {
+        hash: Hash,
+        name: String,
+        payload: Bytes,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub image_dir: PathBuf,
+    pub quarantine_dir: PathBuf,
+    pub file_mode: u32,
+    pub max_image_bytes: usize,
+    pub writers: usize,
+    /// Bounds on republishes handed to the session and not yet confirmed.
+    pub republish_images: usize,
+    pub republish_bytes: usize,
+}
+
+/// The running pipeline.
+pub struct Pipeline {
+    pub inbox: mpsc::Sender<Inbox>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Starts the writers and the committer. `replay` lists stored images whose republish is pending.
+    pub fn start(
+        settings: Settings,
+        index: Index,
+        replay: Vec<(Hash, String)>,
+        outcomes: UnboundedSender<Outcome>,
+        health: Arc<Health>,
+    ) -> Pipeline {
+        let (inbox_tx, inbox_rx) = mpsc::channel();
+        let (job_tx, job_rx) = mpsc::channel::<Job>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let mut threads = Vec::new();
+        for n in 0..settings.writers {
+            let writer = Writer {
+                jobs: job_rx.clone(),
+                inbox: inbox_tx.clone(),
+                beat: health.register(&format!("storage writer {n}")),
+                image_dir: settings.image_dir.clone(),
+                quarantine_dir: settings.quarantine_dir.clone(),
+                mode: settings.file_mode,
+            };
+            threads.push(spawn(format!("writer-{n}"), move || writer.run()));
+        }
+        let committer = Committer {
+            beat: health.register("storage committer"),
+            health,
+            index,
+            jobs: job_tx,
+            outcomes,
+            slots: BTreeMap::new(),
+            names: Namer::images(),
+            quarantine_names: Namer::quarantine(),
+            images_dirty: false,
+            quarantine_dirty: false,
+            trouble: None,
+            retry_at: None,
+            republish: replay
+                .into_iter()
+                .map(|(hash, name)| Republish {
+                    hash,
+                    name,
+                    payload: None,
+                })
+                .collect(),
+            queued_bytes: 0,
+            outstanding: HashMap::new(),
+            outstanding_bytes: 0,
+            confirmed: Vec::new(),
+            settings,
+        };
+        threads.push(spawn("committer".into(), move || committer.run(inbox_rx)));
+        Pipeline {
+            inbox: inbox_tx,
+            threads,
+        }
+    }
+
+    /// Waits for every thread after [`Inbox::Shutdown`] was sent.
+    pub fn join(self) {
+        drop(self.inbox);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn spawn(name: String, f: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(f)
+        .expect("threads can be spawned at start-up")
+}
+
+struct Job {
+    seq: u64,
+    payload: Bytes,
+    quarantine: bool,
+}
+
+struct Writer {
+    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    inbox: mpsc::Sender<Inbox>,
+    beat: Arc<Beat>,
+    image_dir: PathBuf,
+    quarantine_dir: PathBuf,
+    mode: u32,
+}
+
+impl Writer {
+    fn run(self) {
+        loop {
+            self.beat.idle();
+            let job = match self.jobs.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            };
+            self.beat.beat();
+            let hash: Hash = Sha256::digest(&job.payload).into();
+            let dir = if job.quarantine {
+                &self.quarantine_dir
+            } else {
+                &self.image_dir
+            };
+            let result = storage::write_temp(dir, &job.payload, self.mode);
+            if self
+                .inbox
+                .send(Inbox::Written {
+                    seq: job.seq,
+                    hash,
+                    result,
+                })
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Where one upload is on its way to being settled.
+enum State {
+    /// Waiting for the disk to work again before it is written.
+    Held,
+    Writing,
+    /// Over the size limit: nothing is written.
+    Refused(Rejection),
+    Written {
+        hash: Hash,
+        temp: TempPath,
+    },
+    /// Not a JPEG: written, to be renamed into the quarantine folder.
+    ToQuarantine {
+        hash: Hash,
+        temp: TempPath,
+        why: Rejection,
+    },
+    /// Named; `recorded` once its index record is durable, which must come before the rename.
+    ToStore {
+        hash: Hash,
+        temp: TempPath,
+        name: String,
+        recorded: bool,
+    },
+    Stored {
+        hash: Hash,
+        name: String,
+    },
+    Duplicate {
+        name: String,
+    },
+    Quarantined {
+        name: String,
+        why: Rejection,
+    },
+}
+
+impl State {
+    /// Whether the slot is past writing, so the commit can take it.
+    fn written(&self) -> bool {
+        !matches!(self, State::Held | State::Writing)
+    }
+}
+
+struct Slot {
+    gen: u64,
+    pkid: u16,
+    qos: QoS,
+    topic: String,
+    at: DateTime<Utc>,
+    payload: Bytes,
+    state: State,
+}
+
+struct Republish {
+    hash: Hash,
+    name: String,
+    /// `None` once it no longer fits in memory: read back from the stored file.
+    payload: Option<Bytes>,
+}
+
+struct Trouble {
+    since: Instant,
+    backoff: Backoff,
+}
+
+struct Committer {
+    settings: Settings,
+    health: Arc<Health>,
+    beat: Arc<Beat>,
+    index: Index,
+    jobs: mpsc::Sender<Job>,
+    outcomes: UnboundedSender<Outcome>,
+    slots: BTreeMap<u64, Slot>,
+    names: Namer,
+    quarantine_names: Namer,
+    /// Renames done whose folder has not been fsynced yet.
+    images_dirty: bool,
+    quarantine_dirty: bool,
+    trouble: Option<Trouble>,
+    retry_at: Option<Instant>,
+    republish: VecDeque<Republish>,
+    queued_bytes: usize,
+    /// Republishes handed to the session and not yet confirmed or lost: name and size.
+    outstanding: HashMap<Hash, (String, usize)>,
+    outstanding_bytes: usize,
+    confirmed: Vec<Hash>,
+}
+
+/// How many messages one turn of the loop takes before it commits; bounds the latency of a group.
+const MAX_DRAIN: usize = 4096;
+
+impl Committer {
+    fn run(mut self, inbox: mpsc::Receiver<Inbox>) {
+        loop {
+            let wait = self.retry_at.map_or(Duration::from_secs(1), |t| {
+                t.saturating_duration_since(Instant::now())
+            });
+            let mut shutdown = false;
+            // Waiting for work is healthy however long it lasts; only the work itself must not hang.
+            self.beat.idle();
+            let received = inbox.recv_timeout(wait.min(Duration::from_secs(1)));
+            self.beat.beat();
+            match received {
+                Ok(msg) => shutdown |= self.handle(msg),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => shutdown = true,
+            }
+            for msg in inbox.try_iter().take(MAX_DRAIN) {
+                shutdown |= self.handle(msg);
+            }
+            if self.retry_at.is_some_and(|t| t <= Instant::now()) {
+                self.retry_at = None;
+                self.release_held();
+            }
+            if self.retry_at.is_none() {
+                self.commit_or_hold();
+            }
+            self.pump_republish();
+            self.flush_confirmed();
+            if shutdown {
+                if !self.slots.is_empty() {
+                    warn!("Stopping with {} images not yet stored; the broker will deliver them again", self.slots.len());
+                }
+                return;
+            }
+        }
+    }
+
+    /// Takes one message; true at shutdown.
+    fn handle(&mut self, msg: Inbox) -> bool {
+        match msg {
+            Inbox::Upload(upload) => self.accept(upload),
+            Inbox::Written { seq, hash, result } => {
+                let Some(slot) = self.slots.get_mut(&seq) else {
+                    return false;
+                };
+                match result {
+                    Ok(temp) => {
+                        slot.state =
+                            match storage::check_image(&slot.payload, self.settings.max_image_bytes)
+                            {
+                                Ok(()) => State::Written { hash, temp },
+                                Err(why) => State::ToQuarantine { hash, temp, why },
+                            }
+                    }
+                    Err(e) => {
+                        slot.state = State::Held;
+                        self.failed(e);
+                    }
+                }
+            }
+            Inbox::Confirmed(hash) => {
+                if let Some((_, bytes)) = self.outstanding.remove(&hash) {
+                    self.outstanding_bytes -= bytes;
+                }
+                self.confirmed.push(hash);
+            }
+            Inbox::Lost(lost) => {
+                for (hash, name) in lost.into_iter().rev() {
+                    if let Some((_, bytes)) = self.outstanding.remove(&hash) {
+                        self.outstanding_bytes -= bytes;
+                    }
+                    self.republish.push_front(Republish {
+                        hash,
+                        name,
+                        payload: None,
+                    });
+                }
+            }
+            Inbox::Shutdown => return true,
+        }
+        false
+    }
+
+    fn accept(&mut self, upload: Upload) {
+        let state = match storage::check_image(&upload.payload, self.settings.max_image_bytes) {
+            Err(why @ Rejection::TooLarge { .. }) => State::Refused(why),
+            Ok(()) | Err(_) if self.trouble.is_some() => State::Held,
+            checked => {
+                let job = Job {
+                    seq: upload.seq,
+                    payload: upload.payload.clone(),
+                    quarantine: checked.is_err(),
+                };
+                let _ = self.jobs.send(job);
+                State::Writing
+            }
+        };
+        let slot = Slot {
+            gen: upload.gen,
+            pkid: upload.pkid,
+            qos: upload.qos,
+            topic: upload.topic,
+            at: upload.at,
+            payload: upload.payload,
+            state,
+        };
+        self.slots.insert(upload.seq, slot);
+    }
+
+    /// After a disk failure's backoff: write the held uploads again.
+    fn release_held(&mut self) {
+        for (&seq, slot) in self.slots.iter_mut() {
+            if matches!(slot.state, State::Held) {
+                let quarantine =
+                    storage::check_image(&slot.payload, self.settings.max_image_bytes).is_err();
+                let _ = self.jobs.send(Job {
+                    seq,
+                    payload: slot.payload.clone(),
+                    quarantine,
+                });
+                slot.state = State::Writing;
+            }
+        }
+    }
+
+    fn failed(&mut self, e: PathError) {
+        if self.trouble.is_none() {
+            error!(
+                error = %e,
+                "Storage is failing: {e}. Holding back acknowledgements (the broker keeps the images) and retrying"
+            );
+            self.health
+                .stats
+                .disk_trouble
+                .store(true, Ordering::Relaxed);
+        } else {
+            debug!("storage still failing: {e}");
+        }
+        let trouble = self.trouble.get_or_insert_with(|| Trouble {
+            since: Instant::now(),
+            backoff: Backoff::disk(),
+        });
+        let retry_at = Instant::now() + trouble.backoff.next_delay();
+        self.retry_at.get_or_insert(retry_at);
+    }
+
+    fn commit_or_hold(&mut self) {
+        match self.commit() {
+            Ok(0) => {}
+            Ok(_) => {
+                if let Some(trouble) = self.trouble.take() {
+                    info!(
+                        "Storage works again after {:.1}s; storing the images held back",
+                        trouble.since.elapsed().as_secs_f64()
+                    );
+                    self.health
+                        .stats
+                        .disk_trouble
+                        .store(false, Ordering::Relaxed);
+                    self.release_held();
+                }
+            }
+            Err(e) => self.failed(e),
+        }
+    }
+
+    /// Commits the longest run of written uploads at the front, as one group. Returns how many were settled.
+    /// On error the slots keep how far they got, and the next call goes on from there.
+    fn commit(&mut self) -> Result<usize, PathError> {
+        let ready: Vec<u64> = self
+            .slots
+            .iter()
+            .take_while(|(_, s)| s.state.written())
+            .map(|(&k, _)| k)
+            .collect();
+        if ready.is_empty() {
+            return Ok(0);
+        }
+        self.decide(&ready);
+        self.store(&ready)?;
+        self.quarantine(&ready)?;
+        if self.images_dirty {
+            storage::sync_dir(&self.settings.image_dir)?;
+            self.images_dirty = false;
+        }
+        if self.quarantine_dirty {
+            storage::sync_dir(&self.settings.quarantine_dir)?;
+            self.quarantine_dirty = false;
+        }
+        for seq in &ready {
+            let slot = self.slots.remove(seq).expect("ready slots exist");
+            self.settle(slot);
+        }
+        Ok(ready.len())
+    }
+
+    /// Dedup and naming: a written image whose content is already stored (in the index with its file still
+    /// there, or earlier in this group) is a duplicate; the others get the next free name.
+    fn decide(&mut self, ready: &[u64]) {
+        let mut in_group: HashMap<Hash, String> = HashMap::new();
+        for seq in ready {
+            let slot = self.slots.get_mut(seq).expect("ready slots exist");
+            match std::mem::replace(&mut slot.state, State::Writing) {
+                State::Written { hash, temp } => {
+                    let known = in_group.get(&hash).cloned().or_else(|| {
+                        self.index
+                            .get(&hash)
+                            .filter(|e| {
+                                file_has_size(&self.settings.image_dir.join(&e.name), e.size)
+                            })
+                            .map(|e| e.name.clone())
+                    });
+                    slot.state = match known {
+                        Some(name) => State::Duplicate { name }, // dropping `temp` removes the copy
+                        None => {
+                            let name = self.names.next(slot.at);
+                            in_group.insert(hash, name.clone());
+                            State::ToStore {
+                                hash,
+                                temp,
+                                name,
+                                recorded: false,
+                            }
+                        }
+                    };
+                }
+                state => {
+                    if let State::ToStore { hash, name, .. } | State::Stored { hash, name } = &state
+                    {
+                        in_group.insert(*hash, name.clone());
+                    }
+                    slot.state = state;
+                }
+            }
+        }
+    }
+
+    /// Index records first (one fsync for the group), then the renames. A taken name gets a new one, and
+    /// a new record, before its rename.
+    fn store(&mut self, ready: &[u64]) -> Result<(), PathError> {
+        loop {
+            let records: Vec<(Hash, u64, String)> = ready
+                .iter()
+                .filter_map(|seq| match &self.slots[seq].state {
+                    State::ToStore {
+                        hash,
+                        temp: _,
+                        name,
+                        recorded: false,
+                    } => Some((*hash, self.slots[seq].payload.len() as u64, name.clone())),
+                    _ => None,
+                })
+                .collect();
+            if records.is_empty() {
+                return Ok(());
+            }
+            self.index.record_stored(&records)?;
+            for seq in ready {
+                let slot = self.slots.get_mut(seq).expect("ready slots exist");
+                if let State::ToStore { recorded, .. } = &mut slot.state {
+                    *recorded = true;
+                }
+            }
+            for seq in ready {
+                let slot = self.slots.get_mut(seq).expect("ready slots exist");
+                if !matches!(slot.state, State::ToStore { recorded: true, .. }) {
+                    continue;
+                }
+                let State::ToStore {
+                    hash, temp, name, ..
+                } = std::mem::replace(&mut slot.state, State::Writing)
+                else {
+                    unreachable!()
+                };
+                match storage::persist(temp, &self.settings.image_dir, &name) {
+                    Ok(Persisted::Done) => {
+                        self.images_dirty = true;
+                        slot.state = State::Stored { hash, name };
+                    }
+                    Ok(Persisted::Taken(temp)) => {
+                        let name = self.names.next(slot.at);
+                        slot.state = State::ToStore {
+                            hash,
+                            temp,
+                            name,
+                            recorded: false,
+                        };
+                    }
+                    Err(e) => {
+                        // The temp file is gone with the error; write the image again.
+                        slot.state = State::Held;
+                        return Err(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn quarantine(&mut self, ready: &[u64]) -> Result<(), PathError> {
+        for seq in ready {
+            let slot = self.slots.get_mut(seq).expect("ready slots exist");
+            if !matches!(slot.state, State::ToQuarantine { .. }) {
+                continue;
+            }
+            let State::ToQuarantine {
+                hash,
+                mut temp,
+                why,
+            } = std::mem::replace(&mut slot.state, State::Writing)
+            else {
+                unreachable!()
+            };
+            loop {
+                let name = self.quarantine_names.next(slot.at);
+                match storage::persist(temp, &self.settings.quarantine_dir, &name) {
+                    Ok(Persisted::Done) => {
+                        self.quarantine_dirty = true;
+                        slot.state = State::Quarantined { name, why };
+                        break;
+                    }
+                    Ok(Persisted::Taken(t)) => temp = t,
+                    Err(e) => {
+                        slot.state = State::Held;
+                        return Err(e);
+                    }
+                }
+            }
+            debug!(sha256 = %hex(&hash), "quarantined");
+        }
+        Ok(())
+    }
+
+    /// Logs the outcome of one upload, queues its republish, and lets the session acknowledge it.
+    fn settle(&mut self, slot: Slot) {
+        let stats = &self.health.stats;
+        let bytes = slot.payload.len();
+        match slot.state {
+            State::Stored { hash, name } => {
+                let path = self.settings.image_dir.join(&name);
+                info!(
+                    path = %path.display(), bytes, sha256 = %hex(&hash), topic = %slot.topic,
+                    "Image saved: {}", path.display()
+                );
+                Stats::count(&stats.stored);
+                stats
+                    .last_image_ms
+                    .store(crate::systemd::unix_ms(), Ordering::Relaxed);
+                let fits = self.queued_bytes + bytes <= self.settings.republish_bytes;
+                if fits {
+                    self.queued_bytes += bytes;
+                }
+                let payload = fits.then(|| slot.payload.clone());
+                self.republish.push_back(Republish {
+                    hash,
+                    name,
+                    payload,
+                });
+            }
+            State::Duplicate { name } => {
+                let path = self.settings.image_dir.join(&name);
+                info!(
+                    path = %path.display(), bytes, topic = %slot.topic,
+                    "Image already stored as {}; not stored again", path.display()
+                );
+                Stats::count(&stats.duplicates);
+            }
+            State::Quarantined { name, why } => {
+                let path = self.settings.quarantine_dir.join(&name);
+                warn!(
+                    path = %path.display(), bytes, topic = %slot.topic, reason = %why,
+                    "Image rejected from topic '{}': {why}; kept as {}", slot.topic, path.display()
+                );
+                Stats::count(&stats.rejected);
+            }
+            State::Refused(why) => {
+                warn!(bytes, topic = %slot.topic, reason = %why, "Image refused from topic '{}': {why}", slot.topic);
+                Stats::count(&stats.rejected);
+            }
+            State::Held
+            | State::Writing
+            | State::Written { .. }
+            | State::ToQuarantine { .. }
+            | State::ToStore { .. } => {
+                unreachable!("only settled slots are committed")
+            }
+        }
+        let _ = self.outcomes.send(Outcome::Settled {
+            gen: slot.gen,
+            pkid: slot.pkid,
+            qos: slot.qos,
+            bytes,
+        });
+    }
+
+    /// Hands queued republishes to the session while the bounds allow.
+    fn pump_republish(&mut self) {
+        while self.outstanding.len() < self.settings.republish_images
+            && self.outstanding_bytes < self.settings.republish_bytes
+        {
+            let Some(item) = self.republish.pop_front() else {
+                return;
+            };
+            if let Some(payload) = &item.payload {
+                self.queued_bytes -= payload.len();
+            }
+            if self.outstanding.contains_key(&item.hash) {
+                continue;
+            }
+            let payload = match item.payload {
+                Some(payload) => payload,
+                None => {
+                    let path = self.settings.image_dir.join(&item.name);
+                    match std::fs::read(&path) {
+                        Ok(bytes) => Bytes::from(bytes),
+                        Err(e) => {
+                            warn!(
+                                "Cannot republish {}: {e}; it is no longer in the store",
+                                path.display()
+                            );
+                            self.confirmed.push(item.hash);
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.outstanding_bytes += payload.len();
+            self.outstanding
+                .insert(item.hash, (item.name.clone(), payload.len()));
+            let _ = self.outcomes.send(Outcome::Republish {
+                hash: item.hash,
+                name: item.name,
+                payload,
+            });
+        }
+    }
+
+    fn flush_confirmed(&mut self) {
+        if self.confirmed.is_empty() {
+            return;
+        }
+        if let Err(e) = self.index.record_confirmed(&self.confirmed) {
+            // Only costs a second republish of these after a restart.
+            debug!("cannot note confirmed republishes: {e}");
+        }
+        self.confirmed.clear();
+    }
+}
+
+fn file_has_size(path: &Path, size: u64) -> bool {
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.len() == size)
+        .unwrap_or(false)
+}

@@ -1,0 +1,375 @@
+//! The storage folder: what an image is called, what counts as a JPEG, and the durable, atomic,
+//! never-replacing write.
+//!
+//! A file being written is `.incoming-XXXXXX.part` in the folder it will end up in; it is written, fsynced,
+//! then renamed to its final name with `renameat2(RENAME_NOREPLACE)`, and the folder is fsynced before anyone
+//! is told. A reader therefore sees either no image or the whole image, and an existing file is never replaced.
+//! Every error names the path it is about.
+
+use std::fmt;
+use std::fs::{self, File, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use tempfile::TempPath;
+
+/// Prefix of files still being written; readers skip dot-files, and the start-up sweep removes them.
+pub const TEMP_PREFIX: &str = ".incoming-";
+pub const TEMP_SUFFIX: &str = ".part";
+
+/// An I/O error with the operation and the path it failed on.
+#[derive(Debug)]
+pub struct PathError {
+    pub op: &'static str,
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot {} {}: {}",
+            self.op,
+            self.path.display(),
+            self.source
+        )
+    }
+}
+
+impl std::error::Error for PathError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+/// Attaches the operation and path to an io::Result.
+pub trait Context<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T, PathError>;
+}
+
+impl<T> Context<T> for io::Result<T> {
+    fn at(self, op: &'static str, path: &Path) -> Result<T, PathError> {
+        self.map_err(|source| PathError {
+            op,
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Why a payload is not stored as an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    Empty,
+    TooLarge { bytes: usize, max: usize },
+    NoJpegStart,
+    NoJpegEnd,
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::Empty => write!(f, "the payload is empty"),
+            Rejection::TooLarge { bytes, max } => {
+                write!(f, "{bytes} bytes is over storage.max_image_bytes ({max})")
+            }
+            Rejection::NoJpegStart => write!(f, "not a JPEG: it does not start with FF D8 FF"),
+            Rejection::NoJpegEnd => {
+                write!(f, "not a JPEG: it does not end with FF D9 (truncated?)")
+            }
+        }
+    }
+}
+
+/// Decides whether a payload is stored as an image. Oversize is checked first: it is refused without
+/// being written anywhere, while other bad payloads go to the quarantine folder for a look.
+pub fn check_image(payload: &[u8], max_bytes: usize) -> Result<(), Rejection> {
+    if payload.len() > max_bytes {
+        return Err(Rejection::TooLarge {
+            bytes: payload.len(),
+            max: max_bytes,
+        });
+    }
+    if payload.is_empty() {
+        return Err(Rejection::Empty);
+    }
+    if !payload.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Err(Rejection::NoJpegStart);
+    }
+    if !payload.ends_with(&[0xFF, 0xD9]) {
+        return Err(Rejection::NoJpegEnd);
+    }
+    Ok(())
+}
+
+/// The name of a stored image: the original's `image_YYYYMMDD-HHMMSS.jpg` in UTC (UTC so that names sort
+/// in time order and never repeat across a daylight-saving change), with `-N` when that name is taken.
+pub fn image_name(at: DateTime<Utc>, suffix: u32) -> String {
+    stamped_name("image_", at, suffix, ".jpg")
+}
+
+/// The name of a quarantined payload; `.bin` because it is not an image.
+pub fn quarantine_name(at: DateTime<Utc>, suffix: u32) -> String {
+    stamped_name("rejected_", at, suffix, ".bin")
+}
+
+fn stamped_name(prefix: &str, at: DateTime<Utc>, suffix: u32, ext: &str) -> String {
+    let stamp = at.format("%Y%m%d-%H%M%S");
+    if suffix == 0 {
+        format!("{prefix}{stamp}{ext}")
+    } else {
+        format!("{prefix}{stamp}-{suffix}{ext}")
+    }
+}
+
+/// Hands out names for one folder: within a second it counts up, so a burst costs one rename each instead of
+/// a probe through every taken name. `RENAME_NOREPLACE` stays the guard against files it does not know of.
+#[derive(Debug)]
+pub struct Namer {
+    make: fn(DateTime<Utc>, u32) -> String,
+    second: i64,
+    next_suffix: u32,
+}
+
+impl Namer {
+    pub fn images() -> Namer {
+        Namer {
+            make: image_name,
+            second: i64::MIN,
+            next_suffix: 0,
+        }
+    }
+
+    pub fn quarantine() -> Namer {
+        Namer {
+            make: quarantine_name,
+            second: i64::MIN,
+            next_suffix: 0,
+        }
+    }
+
+    /// The next name to try for an image that arrived at `at`.
+    pub fn next(&mut self, at: DateTime<Utc>) -> String {
+        if at.timestamp() != self.second {
+            self.second = at.timestamp();
+            self.next_suffix = 0;
+        }
+        let name = (self.make)(at, self.next_suffix);
+        self.next_suffix += 1;
+        name
+    }
+}
+
+/// Whether `name` is one imaged could have given a stored image: a plain file name, no path, not hidden.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && !name.contains(['/', '\0'])
+        && name.chars().all(|c| !c.is_whitespace() && !c.is_control())
+}
+
+/// Creates `dir` (and its parents) with `mode` where missing, and makes the new entries durable.
+pub fn create_dir(dir: &Path, mode: u32) -> Result<(), PathError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir(parent, mode)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e).at("create folder", dir),
+    }
+    // Explicit, so the umask does not decide who may read the images.
+    fs::set_permissions(dir, Permissions::from_mode(mode)).at("set the mode of", dir)?;
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+pub fn open_dir(dir: &Path) -> Result<File, PathError> {
+    File::open(dir).at("open folder", dir)
+}
+
+pub fn sync_dir(dir: &Path) -> Result<(), PathError> {
+    open_dir(dir)?.sync_all().at("fsync folder", dir)
+}
+
+/// Writes `bytes` to a new temp file in `dir` with `mode`, and fsyncs it. The temp file is removed again
+/// if the returned path is dropped before [`persist`].
+pub fn write_temp(dir: &Path, bytes: &[u8], mode: u32) -> Result<TempPath, PathError> {
+    let mut file = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
+        .tempfile_in(dir)
+        .at("create a temp file in", dir)?;
+    let path = file.path().to_path_buf();
+    // fchmod, not the create mode: the umask must not narrow or widen what readers get.
+    file.as_file()
+        .set_permissions(Permissions::from_mode(mode))
+        .at("set the mode of", &path)?;
+    file.write_all(bytes).at("write", &path)?;
+    file.as_file().sync_data().at("fsync", &path)?;
+    Ok(file.into_temp_path())
+}
+
+/// What [`persist`] did.
+#[derive(Debug)]
+pub enum Persisted {
+    Done,
+    /// The name exists: nothing was replaced; the temp file is handed back to try another name.
+    Taken(TempPath),
+}
+
+/// Renames a written temp file to `dir/name` without replacing anything. The caller fsyncs the folder.
+pub fn persist(temp: TempPath, dir: &Path, name: &str) -> Result<Persisted, PathError> {
+    let target = dir.join(name);
+    match temp.persist_noclobber(&target) {
+        Ok(()) => Ok(Persisted::Done),
+        Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Ok(Persisted::Taken(e.path)),
+        Err(e) => Err(PathError {
+            op: "rename a temp file to",
+            path: target,
+            source: e.error,
+        }),
+    }
+}
+
+/// Removes temp files left by writes that a crash cut short; they were never acknowledged.
+pub fn sweep_temp_files(dir: &Path) -> Result<usize, PathError> {
+    let mut removed = 0;
+    for entry in fs::read_dir(dir).at("list", dir)? {
+        let entry = entry.at("list", dir)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
+            let path = entry.path();
+            fs::remove_file(&path).at("remove the leftover temp file", &path)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Lowercase hex of a digest, for names in logs and the index.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(secs: i64, nanos: u32) -> DateTime<Utc> {
+        Utc.timestamp_opt(secs, nanos).unwrap()
+    }
+
+    #[test]
+    fn names_follow_the_original_pattern_in_utc() {
+        let t = Utc.with_ymd_and_hms(2026, 11, 25, 16, 50, 5).unwrap();
+        assert_eq!(image_name(t, 0), "image_20261125-165005.jpg");
+        assert_eq!(image_name(t, 3), "image_20261125-165005-3.jpg");
+        assert_eq!(quarantine_name(t, 1), "rejected_20261125-165005-1.bin");
+    }
+
+    #[test]
+    fn images_in_the_same_second_get_distinct_names() {
+        let mut namer = Namer::images();
+        let names: Vec<String> = (0..50)
+            .map(|i| namer.next(at(1_800_000_000, i * 1000)))
+            .collect();
+        let unique: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(unique.len(), 50);
+        assert_eq!(names[0], image_name(at(1_800_000_000, 0), 0));
+        assert_eq!(names[1], image_name(at(1_800_000_000, 0), 1));
+    }
+
+    #[test]
+    fn a_new_second_starts_without_a_suffix() {
+        let mut namer = Namer::images();
+        namer.next(at(1_800_000_000, 0));
+        namer.next(at(1_800_000_000, 5));
+        assert_eq!(
+            namer.next(at(1_800_000_001, 0)),
+            image_name(at(1_800_000_001, 0), 0)
+        );
+    }
+
+    #[test]
+    fn jpeg_markers_decide_what_is_an_image() {
+        let good = [0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 0xFF, 0xD9];
+        assert_eq!(check_image(&good, 100), Ok(()));
+        assert_eq!(check_image(&[], 100), Err(Rejection::Empty));
+        assert_eq!(check_image(b"GIF89a", 100), Err(Rejection::NoJpegStart));
+        assert_eq!(check_image(&good[..6], 100), Err(Rejection::NoJpegEnd));
+        assert_eq!(
+            check_image(&good, 8),
+            Err(Rejection::TooLarge { bytes: 9, max: 8 })
+        );
+        assert_eq!(check_image(&[0xFF, 0xD8, 0xFF, 0xD9], 100), Ok(()));
+    }
+
+    #[test]
+    fn only_plain_names_are_accepted_from_the_index() {
+        assert!(is_plain_name("image_20261125-165005.jpg"));
+        for bad in ["", ".hidden", "../x.jpg", "a/b.jpg", "a b.jpg", "a\nb"] {
+            assert!(!is_plain_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_persisted_file_never_replaces_an_existing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = write_temp(dir.path(), b"first", 0o640).unwrap();
+        assert!(matches!(
+            persist(first, dir.path(), "a.jpg").unwrap(),
+            Persisted::Done
+        ));
+        let second = write_temp(dir.path(), b"second", 0o640).unwrap();
+        let Persisted::Taken(second) = persist(second, dir.path(), "a.jpg").unwrap() else {
+            panic!("the name was free")
+        };
+        assert_eq!(fs::read(dir.path().join("a.jpg")).unwrap(), b"first");
+        assert!(matches!(
+            persist(second, dir.path(), "b.jpg").unwrap(),
+            Persisted::Done
+        ));
+        assert_eq!(fs::read(dir.path().join("b.jpg")).unwrap(), b"second");
+    }
+
+    #[test]
+    fn files_get_the_configured_mode_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let temp = write_temp(dir.path(), b"x", 0o604).unwrap();
+        persist(temp, dir.path(), "m.jpg").unwrap();
+        let mode = fs::metadata(dir.path().join("m.jpg"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o604);
+    }
+
+    #[test]
+    fn the_sweep_removes_only_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let temp = write_temp(dir.path(), b"partial", 0o640).unwrap();
+        let kept = temp.keep().unwrap();
+        fs::write(dir.path().join("image_1.jpg"), b"x").unwrap();
+        assert_eq!(sweep_temp_files(dir.path()).unwrap(), 1);
+        assert!(!kept.exists());
+        assert!(dir.path().join("image_1.jpg").exists());
+    }
+}

@@ -1,0 +1,590 @@
+//! Test helpers: real Mosquitto brokers on free loopback ports, the real `imaged` binary, and an observer on
+//! the stored topic. Every process a test starts is killed by its guard when the test ends, by PID.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+pub type Hash = [u8; 32];
+
+pub fn sha(bytes: &[u8]) -> Hash {
+    Sha256::digest(bytes).into()
+}
+
+/// A JPEG-shaped payload (FF D8 FF … FF D9) of `size` bytes whose content is unique to `seed`.
+pub fn jpeg(seed: u64, size: usize) -> Vec<u8> {
+    assert!(size >= 16);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut bytes = Vec::with_capacity(size);
+    bytes.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0xE0]);
+    bytes.extend_from_slice(&seed.to_be_bytes());
+    bytes.extend((0..size - 14).map(|_| rng.u8(..)));
+    bytes.extend_from_slice(&[0xFF, 0xD9]);
+    bytes
+}
+
+/// A free port on 127.0.0.1 (bound to port 0, then released for the broker to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A scratch folder readable by the broker's user (mkdtemp's 0700 is not).
+pub fn scratch() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("imaged-test-")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    dir
+}
+
+pub fn signal(pid: u32, signal: i32) {
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+/// Makes sure Mosquitto and its clients are installed (the Makefile installs them; this says so clearly).
+pub fn require_mosquitto() {
+    for tool in ["mosquitto", "mosquitto_pub", "mosquitto_sub"] {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .output()
+            .unwrap()
+            .status
+            .success()
+            || Path::new("/usr/sbin").join(tool).exists();
+        assert!(
+            found,
+            "{tool} is not installed: run `make test`, which installs it"
+        );
+    }
+}
+
+fn mosquitto_bin() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    "mosquitto".into()
+}
+
+/// Broker settings a test may change.
+#[derive(Clone)]
+pub struct BrokerOptions {
+    /// Keep sessions and queued messages across a restart, saved after every change.
+    pub persistent: bool,
+    pub max_inflight: u32,
+    pub max_queued: u32,
+    /// Extra lines for mosquitto.conf.
+    pub extra: String,
+    /// Replaces the plain listener (e.g. a TLS listener); `{port}` is filled in.
+    pub listener: Option<String>,
+}
+
+impl Default for BrokerOptions {
+    fn default() -> Self {
+        BrokerOptions {
+            persistent: false,
+            max_inflight: 100,
+            max_queued: 1_000_000,
+            extra: String::new(),
+            listener: None,
+        }
+    }
+}
+
+/// A real Mosquitto on a free loopback port, with its own config, persistence folder and log.
+pub struct Broker {
+    pub port: u16,
+    pub dir: PathBuf,
+    options: BrokerOptions,
+    child: Option<Child>,
+    _scratch: tempfile::TempDir,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        Broker::with(BrokerOptions::default())
+    }
+
+    pub fn persistent() -> Broker {
+        Broker::with(BrokerOptions {
+            persistent: true,
+            ..BrokerOptions::default()
+        })
+    }
+
+    pub fn with(options: BrokerOptions) -> Broker {
+        require_mosquitto();
+        let scratch = scratch();
+        let mut broker = Broker {
+            port: 0,
+            dir: scratch.path().to_path_buf(),
+            options,
+            child: None,
+            _scratch: scratch,
+        };
+        for _ in 0..20 {
+            broker.port = free_port();
+            if broker.spawn() {
+                return broker;
+            }
+        }
+        panic!(
+            "mosquitto did not start; see {}",
+            broker.dir.join("mosquitto.log").display()
+        );
+    }
+
+    fn config(&self) -> String {
+        let o = &self.options;
+        let listener = match &o.listener {
+            Some(l) => l.replace("{port}", &self.port.to_string()),
+            None => format!("listener {} 127.0.0.1\nallow_anonymous true\n", self.port),
+        };
+        let mut c = format!(
+            "{listener}\n\
+             log_dest file {dir}/mosquitto.log\n\
+             log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
+             connection_messages true\n\
+             max_inflight_messages {}\nmax_queued_messages {}\nmax_queued_bytes 0\n\
+             set_tcp_nodelay true\n\
+             # The test runs as root; keep the broker as root so its own files stay writable.\n\
+             user root\n",
+            o.max_inflight,
+            o.max_queued,
+            dir = self.dir.display(),
+        );
+        if o.persistent {
+            c += &format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1\nautosave_on_changes true\n",
+                self.dir.display()
+            );
+        }
+        c += &o.extra;
+        c
+    }
+
+    /// Starts the process; false when the port was taken or it died at once.
+    fn spawn(&mut self) -> bool {
+        let conf = self.dir.join("mosquitto.conf");
+        fs::write(&conf, self.config()).unwrap();
+        let child = Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                self.child = None;
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port, with the same persistence.
+    pub fn restart(&mut self) {
+        self.kill9();
+        for _ in 0..50 {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("mosquitto did not restart on port {}", self.port);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// Publishes one payload with mosquitto_pub at QoS 1; true when the broker acknowledged it.
+    pub fn mosquitto_pub(&self, topic: &str, payload: &[u8]) -> bool {
+        mosquitto_pub(self.port, topic, payload, &[])
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// mosquitto_pub exits 0 only after the PUBACK of a QoS 1 message: an independent witness of "acknowledged".
+pub fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], extra: &[&str]) -> bool {
+    // `-n` for an empty payload: `-s` refuses empty input.
+    let source = if payload.is_empty() { "-n" } else { "-s" };
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            source,
+        ])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_pub runs");
+    let ok = child.stdin.take().unwrap().write_all(payload).is_ok();
+    ok && child.wait().map(|s| s.success()).unwrap_or(false)
+}
+
+pub fn imaged_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_imaged")
+}
+
+/// The real imaged daemon with its own config, storage folder and log file.
+pub struct Daemon {
+    pub dir: PathBuf,
+    pub images: PathBuf,
+    pub config: PathBuf,
+    pub log_path: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    _scratch: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Config for `port`, with `extra` TOML appended to the sections (it may add keys to `[storage]` by
+    /// starting with that header, etc.).
+    pub fn config_text(port: u16, dir: &Path, client_id: &str, extra: &str) -> String {
+        let has = |section: &str| extra.contains(&format!("[{section}]"));
+        let mut text = String::new();
+        if !has("broker") {
+            text += &format!(
+                "[broker]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"{client_id}\"\nkeep_alive_secs = 5\n"
+            );
+        }
+        if !has("storage") {
+            text += &format!("[storage]\ndir = \"{}/images\"\n", dir.display());
+        }
+        text + extra
+    }
+
+    pub fn start(broker: &Broker) -> Daemon {
+        Daemon::start_with(broker.port, "", &[])
+    }
+
+    pub fn start_with(port: u16, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        let scratch = scratch();
+        let dir = scratch.path().to_path_buf();
+        let client_id = format!("imaged-test-{}", fastrand::u64(..));
+        let config = dir.join("imaged.toml");
+        fs::write(&config, Daemon::config_text(port, &dir, &client_id, extra)).unwrap();
+        let mut daemon = Daemon {
+            images: dir.join("images"),
+            log_path: dir.join("imaged.log"),
+            dir,
+            config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            _scratch: scratch,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    pub fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new(imaged_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start imaged");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Waits for the n-th "Ready:" line of this daemon's log (one per start).
+    pub fn wait_ready_n(&mut self, n: usize) {
+        let start = Instant::now();
+        while self.log_count("Ready:") < n {
+            if let Some(status) = self.try_wait() {
+                panic!(
+                    "imaged exited ({status}) before it was ready; log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "imaged not ready after 30s; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_ready(&mut self) {
+        self.wait_ready_n(1);
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), libc::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(40) {
+                let _ = child.kill();
+                panic!(
+                    "imaged did not exit within 40s of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
+    /// Finished images in the storage folder: name → content.
+    pub fn stored(&self) -> HashMap<String, Vec<u8>> {
+        stored_in(&self.images)
+    }
+
+    pub fn stored_count(&self) -> usize {
+        fs::read_dir(&self.images)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".jpg"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    pub fn wait_stored(&self, n: usize, timeout: Duration) {
+        wait_until(&format!("{n} images are stored"), timeout, || {
+            self.stored_count() >= n
+        });
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- imaged log ({}) ---\n{}",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// The `.jpg` files of a folder, name → content.
+pub fn stored_in(dir: &Path) -> HashMap<String, Vec<u8>> {
+    let mut out = HashMap::new();
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.ends_with(".jpg") {
+                out.insert(name, fs::read(entry.path()).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Content hashes of a folder's images, with how many files hold each.
+pub fn hashes_in(dir: &Path) -> HashMap<Hash, usize> {
+    let mut out = HashMap::new();
+    for bytes in stored_in(dir).values() {
+        *out.entry(sha(bytes)).or_insert(0) += 1;
+    }
+    out
+}
+
+/// A subscriber with a persistent session on a topic, counting what arrives by content hash. Started before
+/// the daemon, it sees every republish even across its own reconnects.
+pub struct Observer {
+    seen: Arc<Mutex<HashMap<Hash, usize>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Observer {
+    pub fn start(port: u16, topic: &str) -> Observer {
+        let seen = Arc::new(Mutex::new(HashMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let subscribed = Arc::new(AtomicBool::new(false));
+        let (s, st, sub, topic) = (
+            seen.clone(),
+            stop.clone(),
+            subscribed.clone(),
+            topic.to_string(),
+        );
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                // Aborted only at the end: rumqttc's poll() must not be cancelled while in use.
+                let task = tokio::spawn(observe(port, topic, s, sub));
+                while !st.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                task.abort();
+            });
+        });
+        wait_until(
+            "the observer is subscribed",
+            Duration::from_secs(10),
+            || subscribed.load(Ordering::SeqCst),
+        );
+        Observer {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn seen(&self) -> HashMap<Hash, usize> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn distinct(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn wait_for(&self, n: usize, timeout: Duration) {
+        wait_until(
+            &format!("{n} distinct images are republished"),
+            timeout,
+            || self.distinct() >= n,
+        );
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn observe(
+    port: u16,
+    topic: String,
+    seen: Arc<Mutex<HashMap<Hash, usize>>>,
+    subscribed: Arc<AtomicBool>,
+) {
+    use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+    let mut options =
+        MqttOptions::new(format!("observer-{}", fastrand::u64(..)), "127.0.0.1", port);
+    options.set_clean_session(false);
+    options.set_max_packet_size(64 << 20, 64 << 20);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
+            }
+            Ok(Event::Incoming(Incoming::SubAck(_))) => subscribed.store(true, Ordering::SeqCst),
+            Ok(Event::Incoming(Incoming::Publish(p))) => {
+                *seen.lock().unwrap().entry(sha(&p.payload)).or_insert(0) += 1;
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The daemon against real Mosquitto brokers: storing, republishing, crashes, bad input, systemd protocol.
+
+mod common;
+
+use std::collections::HashSet;
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use common::*;
+
+const UPLOAD: &str = "image/upload";
+const STORED: &str = "image/stored";
+
+#[test]
+fn one_image_is_stored_byte_identical_and_republished() {
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+
+    let image = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/sample.jpg")).unwrap();
+    assert!(broker.mosquitto_pub(UPLOAD, &image));
+    daemon.wait_stored(1, Duration::from_secs(10));
+    observer.wait_for(1, Duration::from_secs(10));
+
+    let stored = daemon.stored();
+    let (name, bytes) = stored.iter().next().unwrap();
+    assert_eq!(bytes, &image);
+    assert!(
+        name.starts_with("image_") && name.ends_with(".jpg"),
+        "{name}"
+    );
+    assert!(observer.seen().contains_key(&sha(&image)));
+    let log = daemon.log();
+    assert!(
+        log.contains(&format!(
+            "Image saved: {}",
+            daemon.images.join(name).display()
+        )),
+        "{log}"
+    );
+    common::wait_until("the republish is logged", Duration::from_secs(5), || {
+        daemon
+            .log()
+            .contains("Image re-published on topic 'image/stored'")
+    });
+}
+
+#[test]
+fn a_hundred_images_are_all_stored_and_republished() {
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+
+    let images: Vec<Vec<u8>> = (0..100).map(|i| jpeg(i, 2000 + i as usize * 37)).collect();
+    for image in &images {
+        assert!(broker.mosquitto_pub(UPLOAD, image));
+    }
+    daemon.wait_stored(100, Duration::from_secs(30));
+    observer.wait_for(100, Duration::from_secs(30));
+    let stored = hashes_in(&daemon.images);
+    for image in &images {
+        assert_eq!(stored.get(&sha(image)), Some(&1));
+    }
+}
+
+#[test]
+fn a_20_mb_image_is_stored_byte_identical_and_republished() {
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+
+    let image = jpeg(20, 20 * 1024 * 1024);
+    assert!(broker.mosquitto_pub(UPLOAD, &image));
+    daemon.wait_stored(1, Duration::from_secs(30));
+    observer.wait_for(1, Duration::from_secs(30));
+    assert_eq!(daemon.stored().values().next().unwrap(), &image);
+    assert!(observer.seen().contains_key(&sha(&image)));
+}
+
+#[test]
+fn fifty_images_within_one_second_are_all_kept() {
+    let broker = Broker::start();
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+
+    // Published in parallel so that they land within the same second.
+    let images: Vec<Vec<u8>> = (0..50).map(|i| jpeg(1000 + i, 3000)).collect();
+    let port = broker.port;
+    std::thread::scope(|s| {
+        for image in &images {
+            s.spawn(move || assert!(mosquitto_pub(port, UPLOAD, image, &[])));
+        }
+    });
+    daemon.wait_stored(50, Duration::from_secs(20));
+    let stored = daemon.stored();
+    assert_eq!(stored.len(), 50);
+    let contents: HashSet<_> = stored.values().map(|b| sha(b)).collect();
+    assert_eq!(contents, images.iter().map(|i| sha(i)).collect());
+    let seconds: HashSet<_> = stored.keys().map(|n| n[..21].to_string()).collect();
+    assert!(
+        seconds.len() < 50,
+        "the images did land within shared seconds: {seconds:?}"
+    );
+}
+
+#[test]
+fn kill_9_in_the_middle_of_500_images_loses_none_and_stores_each_once() {
+    let broker = Broker::persistent();
+    let observer = Observer::start(broker.port, STORED);
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+
+    let images: Vec<Vec<u8>> = (0..500).map(|i| jpeg(5000 + i, 4000)).collect();
+    let port = broker.port;
+    let sender = std::thread::spawn({
+        let images = images.clone();
+        move || {
+            for image in &images {
+                while !mosquitto_pub(port, UPLOAD, image, &[]) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    });
+    wait_until("some images are stored", Duration::from_secs(30), || {
+        daemon.stored_count() >= 150
+    });
+    daemon.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.spawn();
+    daemon.wait_ready_n(2);
+    sender.join().unwrap();
+
+    daemon.wait_stored(500, Duration::from_secs(60));
+    observer.wait_for(500, Duration::from_secs(60));
+    let stored = hashes_in(&daemon.images);
+    for (i, image) in images.iter().enumerate() {
+        assert_eq!(
+            stored.get(&sha(image)),
+            Some(&1),
+            "image {i} must be stored exactly once"
+        );
+    }
+    assert_eq!(stored.len(), 500);
+}
+
+#[test]
+fn a_broker_killed_and_restarted_mid_stream_loses_nothing() {
+    let mut broker = Broker::persistent();
+    let observer = Observer::start(broker.port, STORED);
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+
+    let images: Vec<Vec<u8>> = (0..300).map(|i| jpeg(9000 + i, 3000)).collect();
+    let port = broker.port;
+    let sender = std::thread::spawn({
+        let images = images.clone();
+        move || {
+            for image in &images {
+                while !mosquitto_pub(port, UPLOAD, image, &[]) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    });
+    wait_until("some images are stored", Duration::from_secs(30), || {
+        daemon.stored_count() >= 100
+    });
+    broker.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    broker.restart();
+    sender.join().unwrap();
+
+    daemon.wait_stored(300, Duration::from_secs(60));
+    observer.wait_for(300, Duration::from_secs(60));
+    let stored = hashes_in(&daemon.images);
+    for image in &images {
+        assert_eq!(stored.get(&sha(image)), Some(&1));
+    }
+    assert!(
+        daemon.log().contains("Lost the connection"),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[test]
+fn bad_payloads_are_rejected_with_a_reason_while_good_images_keep_flowing() {
+    let broker = Broker::start();
+    let mut daemon = Daemon::start_with(broker.port, "", &[]);
+    std::fs::write(
+        &daemon.config,
+        Daemon::config_text(
+            broker.port,
+            &daemon.dir,
+            "imaged-bad-input",
+            &format!(
+                "[storage]\ndir = \"{}/images\"\nmax_image_bytes = 100000\n",
+                daemon.dir.display()
+            ),
+        ),
+    )
+    .unwrap();
+    daemon.kill9();
+    daemon.spawn();
+    daemon.wait_ready();
+
+    let good: Vec<Vec<u8>> = (0..20).map(|i| jpeg(300 + i, 5000)).collect();
+    let truncated = &good[0][..2500];
+    let bad: Vec<(&[u8], &str)> = vec![
+        (b"hello, not an image", "does not start with FF D8 FF"),
+        (truncated, "does not end with FF D9"),
+        (b"", "the payload is empty"),
+    ];
+    let oversize = jpeg(99, 100_001);
+    for (i, image) in good.iter().enumerate() {
+        assert!(broker.mosquitto_pub(UPLOAD, image));
+        if i < bad.len() {
+            assert!(broker.mosquitto_pub(UPLOAD, bad[i].0));
+        }
+        if i == 10 {
+            assert!(broker.mosquitto_pub(UPLOAD, &oversize));
+        }
+    }
+    daemon.wait_stored(20, Duration::from_secs(20));
+    wait_until("every rejection is logged", Duration::from_secs(10), || {
+        daemon.log_count("rejected from topic") == 3
+    });
+    let log = daemon.log();
+    for (_, reason) in &bad {
+        assert!(log.contains(reason), "missing {reason:?} in\n{log}");
+    }
+    assert!(
+        log.contains("100001 bytes is over storage.max_image_bytes (100000)"),
+        "{log}"
+    );
+    let stored = hashes_in(&daemon.images);
+    assert_eq!(stored.len(), 20);
+    for image in &good {
+        assert!(stored.contains_key(&sha(image)));
+    }
+    let quarantined = std::fs::read_dir(daemon.images.join(".quarantine"))
+        .unwrap()
+        .count();
+    assert_eq!(quarantined, 3, "non-JPEG payloads are kept in quarantine");
+    assert!(daemon.try_wait().is_none(), "imaged keeps running");
+}
+
+#[test]
+fn a_packet_larger_than_the_transport_limit_is_refused_once_without_a_reconnect_loop() {
+    let broker = Broker::start();
+    let mut daemon = Daemon::start_with(broker.port, "", &[]);
+    std::fs::write(
+        &daemon.config,
+        Daemon::config_text(
+            broker.port,
+            &daemon.dir,
+            "imaged-huge",
+            &format!(
+                "[storage]\ndir = \"{}/images\"\nmax_image_bytes = 10000\n",
+                daemon.dir.display()
+            ),
+        ),
+    )
+    .unwrap();
+    daemon.kill9();
+    daemon.spawn();
+    daemon.wait_ready();
+
+    // Far over the 10 kB limit plus the 64 KiB allowance for topic and header.
+    let huge = jpeg(1, 300_000);
+    assert!(broker.mosquitto_pub(UPLOAD, &huge));
+    let after = jpeg(2, 5000);
+    assert!(broker.mosquitto_pub(UPLOAD, &after));
+    daemon.wait_stored(1, Duration::from_secs(20));
+    wait_until("the huge one is refused", Duration::from_secs(10), || {
+        daemon.log().contains("300000 bytes is over")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        daemon.log_count("Connected to") <= 3,
+        "reconnect loop:\n{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.stored().values().next().unwrap(), &after);
+}
+
+#[test]
+fn ready_watchdog_and_stopping_are_sent_to_the_notify_socket() {
+    let broker = Broker::start();
+    let scratch = scratch();
+    let socket_path = scratch.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut daemon = Daemon::start_with(
+        broker.port,
+        "",
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut messages: Vec<String> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut read = |messages: &mut Vec<String>| {
+        let n = socket.recv(&mut buf).expect("a notify message within 20s");
+        messages.push(String::from_utf8_lossy(&buf[..n]).to_string());
+    };
+    while !messages.iter().any(|m| m.contains("READY=1")) {
+        read(&mut messages);
+    }
+    let ready = messages.iter().find(|m| m.contains("READY=1")).unwrap();
+    assert!(ready.contains("STATUS="), "{ready}");
+    let before_ready = messages
+        .iter()
+        .take_while(|m| !m.contains("READY=1"))
+        .count();
+    assert!(messages[..before_ready]
+        .iter()
+        .all(|m| !m.contains("WATCHDOG=1") || !m.contains("READY")));
+    // Pings at half of 400 ms: several within a second.
+    let start = std::time::Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < Duration::from_millis(1200) {
+        read(&mut messages);
+        pings += messages.last().unwrap().matches("WATCHDOG=1").count();
+    }
+    assert!(pings >= 3, "{messages:?}");
+    let status = daemon.terminate();
+    assert!(status.success(), "{status}");
+    let mut stopping = false;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Ok(n) = socket.recv(&mut buf) {
+        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+    }
+    assert!(stopping, "no STOPPING=1 after SIGTERM: {messages:?}");
+}
+
+#[test]
+fn sigterm_while_images_flow_exits_zero_and_leaves_no_partial_file() {
+    let broker = Broker::persistent();
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+    let images: Vec<Vec<u8>> = (0..200).map(|i| jpeg(7000 + i, 200_000)).collect();
+    let port = broker.port;
+    let sender = std::thread::spawn({
+        let images = images.clone();
+        move || {
+            for image in &images {
+                if !mosquitto_pub(port, UPLOAD, image, &[]) {
+                    break;
+                }
+            }
+        }
+    });
+    wait_until("some images are stored", Duration::from_secs(30), || {
+        daemon.stored_count() >= 20
+    });
+    let status = daemon.terminate();
+    assert!(status.success(), "{status}");
+    sender.join().unwrap();
+    let names: Vec<String> = std::fs::read_dir(&daemon.images)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with(".incoming-")),
+        "temp file left: {names:?}"
+    );
+    let originals: HashSet<_> = images.iter().map(|i| sha(i)).collect();
+    for (name, bytes) in daemon.stored() {
+        assert!(
+            originals.contains(&sha(&bytes)),
+            "{name} is not a whole image"
+        );
+    }
+    assert!(daemon.log().contains("Stopped"));
+}
