@@ -1,10 +1,462 @@
-//! `imaged send`: publish JPEG files on the upload topic.
+//! `imaged send`: publish JPEG files on the upload topic with QoS 1, and say whether the broker took them.
+//!
+//! Up to `--window` publishes wait for their PUBACK at once. One task owns the connection (as in the daemon):
+//! it reads the next file, publishes it without ever blocking on rumqttc's channel, and matches PUBACKs to
+//! files through the `Outgoing::Publish` packet ids. When the connection drops, everything not yet
+//! acknowledged is published again after the reconnect, so exit 0 means every file was acknowledged.
 
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime};
 
-use crate::cli::SendArgs;
-use crate::config::Config;
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use rumqttc::{Event, Incoming, Outgoing, QoS};
 
-pub fn run(_config: Config, _args: SendArgs) -> ExitCode {
-    ExitCode::FAILURE
+use crate::broker::{self, Role};
+use crate::cli::{config_error, SendArgs, Target};
+use crate::config::{self, Config};
+use crate::session::{describe, events};
+use crate::storage;
+
+/// How long a connection that was up may stay down before `send` gives up on what is left.
+const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Applies `--host` and `--port` over the config's broker.
+pub fn apply_target(config: &mut Config, target: &Target) {
+    if let Some(host) = &target.host {
+        config.broker.host = host.clone();
+    }
+    if let Some(port) = target.port {
+        config.broker.port = port;
+    }
+}
+
+/// The topic to publish on when the config's upload topic is a filter: `image/upload/#` also matches
+/// `image/upload`, so that is where a plain sender publishes.
+pub fn publish_topic(filter: &str) -> Result<String, String> {
+    let topic = filter.strip_suffix("/#").unwrap_or(filter);
+    config::check_topic_name(topic)
+        .map(|()| topic.to_string())
+        .map_err(|why| format!("cannot publish on {filter:?} ({why}); give a topic with --topic"))
+}
+
+pub fn run(mut config: Config, args: SendArgs) -> ExitCode {
+    apply_target(&mut config, &args.target);
+    let topic = match args
+        .target
+        .topic
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(|| publish_topic(&config.topics.upload))
+    {
+        Ok(topic) => topic,
+        Err(e) => {
+            eprintln!("imaged send: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(why) = config::check_topic_name(&topic) {
+        eprintln!("imaged send: --topic {topic:?}: {why}");
+        return ExitCode::from(2);
+    }
+    let client_id = format!("imaged-send-{}", fastrand::u64(..));
+    let (client, eventloop) = match broker::connect(
+        &config.broker,
+        &client_id,
+        config.max_packet_bytes(),
+        Role::Sender {
+            inflight: args.window.max(1),
+        },
+    ) {
+        Ok(pair) => pair,
+        Err((key, message)) => return config_error(&config.error(&key, message)),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime starts");
+    let sender = Sender {
+        client: Some(client),
+        topic,
+        broker: format!("{}:{}", config.broker.host, config.broker.port),
+        max_bytes: config.storage.max_image_bytes,
+        window: args.window.max(1) as usize,
+        ..Sender::default()
+    };
+    runtime.block_on(sender.run(eventloop, config.max_packet_bytes(), args))
+}
+
+#[derive(Default)]
+struct Sender {
+    client: Option<rumqttc::AsyncClient>,
+    topic: String,
+    broker: String,
+    max_bytes: usize,
+    window: usize,
+    /// Files to publish, in order; a file comes back to the front when its publish was lost.
+    queue: VecDeque<PathBuf>,
+    /// Publishes in rumqttc's channel waiting for a packet id, and on the wire waiting for the PUBACK.
+    unnumbered: VecDeque<(PathBuf, usize)>,
+    by_pkid: HashMap<u16, (PathBuf, usize)>,
+    connected: bool,
+    ever_connected: bool,
+    down_since: Option<Instant>,
+    last_problem: Option<String>,
+    sent: u64,
+    sent_bytes: u64,
+    failed: u64,
+    /// Whether to print a line per image (one file, a camera loop or a watched folder).
+    verbose: bool,
+    progress: Option<ProgressBar>,
+}
+
+impl Sender {
+    async fn run(
+        mut self,
+        eventloop: rumqttc::EventLoop,
+        max_packet: usize,
+        args: SendArgs,
+    ) -> ExitCode {
+        let mut events = events(eventloop, max_packet);
+        let files = expand(&args.files, &mut self.failed);
+        let rounds = match (args.interval, args.repeat) {
+            (Some(_), Some(n)) => n,
+            (Some(_), None) => u64::MAX,
+            (None, _) => 1,
+        };
+        let interval = args.interval.map(Duration::from_secs_f64);
+        self.verbose = files.len() == 1 || interval.is_some() || args.watch.is_some();
+        let started = Instant::now();
+        let mut round = 0;
+        let mut next_round = Instant::now();
+        let mut watcher = args.watch.as_ref().map(|dir| Watcher::new(dir));
+        if !self.verbose && std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(files.len() as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} images, {msg} {elapsed}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            self.progress = Some(bar);
+        }
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut stop = false;
+        loop {
+            if watcher.is_none()
+                && self.queue.is_empty()
+                && round < rounds
+                && Instant::now() >= next_round
+                && !stop
+            {
+                round += 1;
+                self.queue.extend(files.iter().cloned());
+                next_round = Instant::now() + interval.unwrap_or_default();
+            }
+            self.fill();
+            let idle =
+                self.queue.is_empty() && self.unnumbered.is_empty() && self.by_pkid.is_empty();
+            let more_rounds = round < rounds && !stop && watcher.is_none();
+            if idle && !more_rounds && (watcher.is_none() || stop) {
+                break;
+            }
+            if let Some(down) = self.down_since {
+                // The first connection gets no second try: an unreachable broker is an error, not a wait.
+                if !self.ever_connected || down.elapsed() > RECONNECT_PATIENCE {
+                    let left = self.queue.len() + self.unnumbered.len() + self.by_pkid.len();
+                    eprintln!(
+                        "imaged send: giving up: {}; {left} images not acknowledged",
+                        self.last_problem
+                            .as_deref()
+                            .unwrap_or("no connection to the broker")
+                    );
+                    self.failed += left as u64;
+                    break;
+                }
+            }
+            tokio::select! {
+                Some((event, _retry)) = events.next() => self.event(event),
+                _ = &mut ctrl_c, if !stop => {
+                    stop = true;
+                    // Finish what is in flight; start nothing new.
+                    self.queue.clear();
+                }
+                _ = tick.tick() => {
+                    if let Some(w) = watcher.as_mut() {
+                        if !stop {
+                            self.queue.extend(w.complete_files());
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(bar) = self.progress.take() {
+            bar.finish_and_clear();
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "sent {} images, {} bytes, in {secs:.2} s",
+            self.sent, self.sent_bytes
+        );
+        if let Some(client) = &self.client {
+            let _ = client.try_disconnect();
+        }
+        if self.failed > 0 {
+            eprintln!(
+                "imaged send: {} files were not sent (see above)",
+                self.failed
+            );
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+
+    /// Publishes the next files while the window and rumqttc's channel have room.
+    fn fill(&mut self) {
+        if !self.connected {
+            return;
+        }
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        while self.unnumbered.len() + self.by_pkid.len() < self.window {
+            let Some(path) = self.queue.front().cloned() else {
+                return;
+            };
+            let payload = match read_image(&path, self.max_bytes) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    eprintln!("imaged send: {e}");
+                    self.failed += 1;
+                    self.queue.pop_front();
+                    continue;
+                }
+            };
+            let len = payload.len();
+            // Only this task drives the event loop, so a send not done at the first poll never happened.
+            match client
+                .publish_bytes(self.topic.clone(), QoS::AtLeastOnce, false, payload)
+                .now_or_never()
+            {
+                Some(Ok(())) => {
+                    self.queue.pop_front();
+                    self.unnumbered.push_back((path, len));
+                }
+                _ => return,
+            }
+        }
+    }
+
+    fn event(&mut self, event: Result<Event, rumqttc::ConnectionError>) {
+        match event {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                self.connected = true;
+                self.ever_connected = true;
+                self.down_since = None;
+                self.last_problem = None;
+                // A clean session: whatever was not acknowledged is gone from the broker and from rumqttc.
+                let lost: Vec<PathBuf> = self
+                    .unnumbered
+                    .drain(..)
+                    .chain(self.by_pkid.drain().map(|(_, v)| v))
+                    .map(|(p, _)| p)
+                    .collect();
+                for path in lost.into_iter().rev() {
+                    self.queue.push_front(path);
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if !self.by_pkid.contains_key(&pkid) {
+                    if let Some(item) = self.unnumbered.pop_front() {
+                        self.by_pkid.insert(pkid, item);
+                    }
+                }
+            }
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                if let Some((path, len)) = self.by_pkid.remove(&ack.pkid) {
+                    self.sent += 1;
+                    self.sent_bytes += len as u64;
+                    if self.verbose {
+                        println!(
+                            "Image sent: {} ({len} bytes) on topic '{}'",
+                            path.display(),
+                            self.topic
+                        );
+                    }
+                    if let Some(bar) = &self.progress {
+                        bar.inc(1);
+                        bar.set_message(format!("{} MB", self.sent_bytes / 1_000_000));
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.connected = false;
+                self.down_since.get_or_insert_with(Instant::now);
+                let problem = describe(&e, &self.broker);
+                if self.last_problem.as_deref() != Some(&problem) {
+                    eprintln!("imaged send: {problem}");
+                    self.last_problem = Some(problem);
+                }
+            }
+        }
+    }
+}
+
+/// The files to send: each argument, or the files of a folder argument (sorted, hidden ones skipped).
+fn expand(args: &[PathBuf], failed: &mut u64) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for arg in args {
+        if arg.is_dir() {
+            match std::fs::read_dir(arg) {
+                Ok(entries) => {
+                    let mut found: Vec<PathBuf> = entries
+                        .filter_map(Result::ok)
+                        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                        .map(|e| e.path())
+                        .filter(|p| p.is_file())
+                        .collect();
+                    found.sort();
+                    files.extend(found);
+                }
+                Err(e) => {
+                    eprintln!("imaged send: cannot list {}: {e}", arg.display());
+                    *failed += 1;
+                }
+            }
+        } else {
+            files.push(arg.clone());
+        }
+    }
+    files
+}
+
+/// Reads a file and checks it the way imaged will: a JPEG within the size limit.
+pub fn read_image(path: &Path, max_bytes: usize) -> Result<Bytes, String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if meta.len() > max_bytes as u64 {
+        return Err(format!(
+            "{} is {} bytes, over the limit of {max_bytes} (storage.max_image_bytes)",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    storage::check_image(&bytes, max_bytes).map_err(|why| format!("{}: {why}", path.display()))?;
+    Ok(Bytes::from(bytes))
+}
+
+/// Finds new JPEG files in a camera's drop folder, each once, when it is complete: its size and mtime held
+/// still between two looks, or it is renamed into place (hidden names are skipped as in-progress).
+struct Watcher {
+    dir: PathBuf,
+    seen: HashSet<PathBuf>,
+    growing: HashMap<PathBuf, (u64, SystemTime)>,
+}
+
+impl Watcher {
+    fn new(dir: &Path) -> Watcher {
+        // Files already there are not new.
+        let seen = list(dir).into_iter().map(|(p, _)| p).collect();
+        Watcher {
+            dir: dir.to_path_buf(),
+            seen,
+            growing: HashMap::new(),
+        }
+    }
+
+    fn complete_files(&mut self) -> Vec<PathBuf> {
+        let mut ready = Vec::new();
+        for (path, stamp) in list(&self.dir) {
+            if self.seen.contains(&path) {
+                continue;
+            }
+            match self.growing.insert(path.clone(), stamp) {
+                Some(before) if before == stamp => {
+                    self.growing.remove(&path);
+                    self.seen.insert(path.clone());
+                    ready.push(path);
+                }
+                _ => {}
+            }
+        }
+        ready.sort();
+        ready
+    }
+}
+
+fn list(dir: &Path) -> Vec<(PathBuf, (u64, SystemTime))> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().to_lowercase();
+            !name.starts_with('.') && (name.ends_with(".jpg") || name.ends_with(".jpeg"))
+        })
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            meta.is_file().then(|| {
+                (
+                    e.path(),
+                    (
+                        meta.len(),
+                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sender_publishes_on_the_parent_of_a_trailing_multi_level_wildcard() {
+        assert_eq!(publish_topic("image/upload").unwrap(), "image/upload");
+        assert_eq!(publish_topic("image/upload/#").unwrap(), "image/upload");
+        assert!(publish_topic("image/+/jpeg").is_err());
+    }
+
+    #[test]
+    fn a_watched_file_is_sent_once_when_it_stopped_changing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old.jpg"), b"x").unwrap();
+        let mut watcher = Watcher::new(dir.path());
+        std::fs::write(dir.path().join("new.jpg"), b"partial").unwrap();
+        std::fs::write(dir.path().join(".tmp.jpg"), b"hidden").unwrap();
+        assert!(
+            watcher.complete_files().is_empty(),
+            "seen once: maybe still being written"
+        );
+        assert_eq!(watcher.complete_files(), vec![dir.path().join("new.jpg")]);
+        assert!(watcher.complete_files().is_empty(), "sent once only");
+    }
+
+    #[test]
+    fn files_that_are_not_jpegs_or_too_large_are_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, b"hello").unwrap();
+        assert!(read_image(&text, 100)
+            .unwrap_err()
+            .contains("notes.txt: not a JPEG"));
+        let big = dir.path().join("big.jpg");
+        std::fs::write(&big, [0xFF, 0xD8, 0xFF, 0, 0, 0xFF, 0xD9]).unwrap();
+        assert!(read_image(&big, 5)
+            .unwrap_err()
+            .contains("big.jpg is 7 bytes, over the limit of 5"));
+        assert!(read_image(&dir.path().join("missing.jpg"), 5)
+            .unwrap_err()
+            .contains("cannot read"));
+    }
 }

@@ -64,9 +64,24 @@ struct Poller {
     raised: bool,
 }
 
-type Polled = (Result<Event, ConnectionError>, Option<Duration>);
+/// An event with, after an error, how long until the next attempt.
+pub type Polled = (Result<Event, ConnectionError>, Option<Duration>);
 
-fn events(poller: Poller) -> Pin<Box<dyn Stream<Item = Polled> + Send>> {
+/// Turns an event loop into a stream that reconnects with capped, jittered backoff. Waiting on the stream's
+/// `next()` in a `select!` is safe: an unfinished poll stays inside the stream, it is not cancelled.
+/// `max_packet` is the normal incoming limit; a packet over it is taken once with a larger limit so it can be
+/// refused and acknowledged (with a persistent session the broker would otherwise resend it forever).
+pub fn events(
+    eventloop: EventLoop,
+    max_packet: usize,
+) -> Pin<Box<dyn Stream<Item = Polled> + Send>> {
+    let poller = Poller {
+        eventloop,
+        backoff: Backoff::broker(),
+        wait: None,
+        max_packet,
+        raised: false,
+    };
     Box::pin(futures_util::stream::unfold(poller, |mut p| async move {
         if let Some(wait) = p.wait.take() {
             tokio::time::sleep(wait).await;
@@ -77,21 +92,19 @@ fn events(poller: Poller) -> Pin<Box<dyn Stream<Item = Polled> + Send>> {
                 p.backoff.reset();
                 if p.raised {
                     // The limit only matters when a connection is made; this one keeps the raised one.
-                    let out = p.eventloop.mqtt_options.max_packet_size();
                     p.eventloop
                         .mqtt_options
-                        .set_max_packet_size(p.max_packet, out);
+                        .set_max_packet_size(p.max_packet, p.max_packet);
                     p.raised = false;
                 }
             }
             Err(e) => {
                 if let Some(size) = oversized(e) {
-                    // The broker sends this message again on every reconnect, and rumqttc cannot skip it: take
-                    // it once with a larger limit, so the pipeline can refuse and acknowledge it.
-                    let out = p.eventloop.mqtt_options.max_packet_size();
+                    // rumqttc cannot skip a packet over its limit: take it once with a larger limit, so the
+                    // pipeline can refuse and acknowledge it.
                     p.eventloop
                         .mqtt_options
-                        .set_max_packet_size(size.saturating_add(16), out);
+                        .set_max_packet_size(size.saturating_add(16), p.max_packet);
                     p.raised = true;
                 }
                 p.wait = Some(p.backoff.next_delay());
@@ -103,7 +116,7 @@ fn events(poller: Poller) -> Pin<Box<dyn Stream<Item = Polled> + Send>> {
     }))
 }
 
-fn oversized(e: &ConnectionError) -> Option<usize> {
+pub fn oversized(e: &ConnectionError) -> Option<usize> {
     match e {
         ConnectionError::MqttState(StateError::Deserialization(
             rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
@@ -228,14 +241,7 @@ impl Session {
         shutdown: impl std::future::Future<Output = ()>,
         on_ready: impl FnOnce(),
     ) -> Result<(), String> {
-        let poller = Poller {
-            eventloop,
-            backoff: Backoff::broker(),
-            wait: None,
-            max_packet: self.settings.max_packet,
-            raised: false,
-        };
-        let mut events = events(poller);
+        let mut events = events(eventloop, self.settings.max_packet);
         let mut on_ready = Some(on_ready);
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(crate::health::tick_period());
