@@ -657,7 +657,8 @@ impl Committer {
                 stats
                     .last_image_ms
                     .store(crate::systemd::unix_ms(), Ordering::Relaxed);
-                let fits = self.queued_bytes + bytes <= self.settings.republish_bytes;
+                // Queued and outstanding republishes share one memory budget; beyond it, the outbox on disk.
+                let fits = self.queued_bytes + self.outstanding_bytes + bytes <= self.settings.republish_bytes;
                 if fits {
                     self.queued_bytes += bytes;
                 }
