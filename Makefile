@@ -5,7 +5,7 @@ CARGO ?= cargo
 # apt-get needs root: use sudo when not root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: all build demo test deps lint unit deb bench torture clean
+.PHONY: all build demo test deps lint unit deb package-test bench bench-smoke bench-deps torture clean
 
 all: build
 
@@ -31,9 +31,44 @@ lint:
 unit:
 	$(CARGO) test --lib
 
-# Every test: unit, integration against real Mosquitto processes, and the lints.
+# Every test: unit, integration against real Mosquitto processes, the lints, then the Debian package under a
+# real systemd (package-test; skipped with a SKIP line when not root).
 test: deps lint
-	$(CARGO) test --all-targets
+	$(CARGO) test
+	$(MAKE) bench-smoke
+	$(MAKE) package-test
+
+# The Debian package: target/debian/imaged_<version>-1_<arch>.deb, from [package.metadata.deb] in Cargo.toml.
+# Man pages and completions come from the CLI definition (`imaged generate-assets`), into target/assets.
+DEB_ASSETS := target/assets
+deb:
+	@$(CARGO) deb --version >/dev/null 2>&1 || { echo "Installing cargo-deb"; $(CARGO) install cargo-deb --locked; }
+	$(CARGO) build --release
+	rm -rf $(DEB_ASSETS)
+	$(CARGO) run --release --quiet -- generate-assets $(DEB_ASSETS)
+	gzip -9n $(DEB_ASSETS)/imaged.8 $(DEB_ASSETS)/imaged.toml.5
+	$(CARGO) deb --no-build
+
+# Install, run, hang, upgrade, break and purge the package inside a Debian container booted with systemd as
+# PID 1 (../shared/tools/systemd-sandbox). Needs root; builds the package first.
+package-test:
+	./tests/package.sh
+
+# The benchmark (docs/BENCHMARKS.md): imaged against the load generator, the broker, the disk and the original
+# script, on private brokers on free loopback ports; every image is checked. Options: BENCH_ARGS='--help'.
+BENCH_ARGS ?=
+bench-deps: deps
+	@python3 -c 'import paho.mqtt.client' 2>/dev/null || { echo "Installing paho-mqtt (pip) for the original script"; \
+		python3 -m pip install -q paho-mqtt || echo "paho-mqtt is not installed: the original is skipped"; }
+
+bench: bench-deps
+	$(CARGO) build --release
+	$(CARGO) bench --bench bench -- $(BENCH_ARGS)
+
+# A few seconds at 10 KB, one run: keeps the harness working in CI (checks every image, asserts no timing).
+bench-smoke: bench-deps
+	$(CARGO) build --release
+	$(CARGO) bench --bench bench -- --smoke
 
 clean:
 	$(CARGO) clean

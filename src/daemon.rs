@@ -20,6 +20,7 @@ use crate::{cli, shutdown, systemd};
 const DIR_MODE: u32 = 0o750;
 
 pub fn run(config: Config) -> ExitCode {
+    return_large_buffers_to_the_os();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -121,6 +122,16 @@ async fn serve(config: Config) -> ExitCode {
             error!("Stopping on an internal error: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// glibc raises its mmap threshold after the first large free, after which freed image buffers stay in the
+/// heap and RSS no longer follows the configured limits. A fixed threshold keeps large buffers in mmap.
+fn return_large_buffers_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
 }
 
