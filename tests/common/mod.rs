@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod load;
+pub mod scenarios;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
@@ -586,5 +589,54 @@ async fn observe(
             Ok(_) => {}
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+// Helpers for tests/tls.rs (issue 6): a daemon that starts under a given umask.
+impl Daemon {
+    /// Like [`Daemon::start_with`], but the process is not started yet: start it with [`Daemon::spawn`] or
+    /// [`Daemon::spawn_with_umask`].
+    pub fn prepare(port: u16, extra: &str, env: &[(&str, &str)]) -> Daemon {
+        let scratch = scratch();
+        let dir = scratch.path().to_path_buf();
+        let client_id = format!("imaged-test-{}", fastrand::u64(..));
+        let config = dir.join("imaged.toml");
+        fs::write(&config, Daemon::config_text(port, &dir, &client_id, extra)).unwrap();
+        Daemon {
+            images: dir.join("images"),
+            log_path: dir.join("imaged.log"),
+            dir,
+            config,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            child: None,
+            _scratch: scratch,
+        }
+    }
+
+    /// Starts imaged through `sh -c 'umask NNN; exec imaged --config …'`, as a service manager with that
+    /// umask would. The guard's PID is imaged's own (exec).
+    pub fn spawn_with_umask(&mut self, umask: u32) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("umask {umask:03o}; exec \"$0\" --config \"$1\""))
+            .arg(imaged_bin())
+            .arg(&self.config)
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("JOURNAL_STREAM")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start imaged through sh");
+        self.child = Some(child);
     }
 }

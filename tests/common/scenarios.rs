@@ -1,0 +1,636 @@
+//! Fault scenarios: a live imaged under load, one kind of fault injected many times, and the ledger of what
+//! came out. `tests/faults.rs` runs each at CI size and asserts a clean ledger; `benches/torture.rs` runs them
+//! at scale and prints the table for docs/RELIABILITY.md.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::load::{publish_all, publish_each, Ledger, Mode, Proxy};
+use super::*;
+
+pub const UPLOAD: &str = "image/upload";
+pub const STORED: &str = "image/stored";
+
+/// The outcome of one scenario.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub kind: &'static str,
+    pub faults: usize,
+    pub ledger: Ledger,
+}
+
+/// Unique images with sizes spread between `min` and `max` bytes.
+pub fn images(seed: u64, n: usize, min: usize, max: usize) -> Vec<Vec<u8>> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n)
+        .map(|i| {
+            jpeg(
+                seed.wrapping_mul(1_000_003) + i as u64,
+                rng.usize(min..=max),
+            )
+        })
+        .collect()
+}
+
+fn pause(rng: &mut fastrand::Rng, min_ms: u64, max_ms: u64) {
+    std::thread::sleep(Duration::from_millis(rng.u64(min_ms..=max_ms)));
+}
+
+/// Waits until every acknowledged image is stored and republished (or `timeout`), then counts.
+pub fn settle(
+    storage: &Path,
+    observer: &Observer,
+    images: &[Vec<u8>],
+    acked: &[bool],
+    timeout: Duration,
+) -> Ledger {
+    let start = Instant::now();
+    loop {
+        let ledger = Ledger::count(images, acked, storage, &observer.seen());
+        if ledger.lost.is_empty() || start.elapsed() > timeout {
+            return ledger;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Publishes in the background while `inject` runs; returns the acknowledgements.
+fn under_load(port: u16, images: &[Vec<u8>], inject: impl FnOnce(&dyn Fn() -> bool)) -> Vec<bool> {
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let images = images.to_vec();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let acked = publish_all(port, UPLOAD, &images, 32, Duration::from_secs(900));
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            acked
+        })
+    };
+    inject(&|| done.load(std::sync::atomic::Ordering::SeqCst));
+    publisher.join().unwrap()
+}
+
+/// Fault 1: kill -9 of imaged at random moments (in a write, an fsync, a rename, a republish, an ack, or its
+/// start-up), restarted each time.
+pub fn imaged_kills(seed: u64, n_images: usize, n_faults: usize) -> Run {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+    let imgs = images(seed, n_images, 2_000, 120_000);
+    let mut faults = 0;
+    let acked = under_load(broker.port, &imgs, |done| {
+        while faults < n_faults {
+            pause(&mut rng, 20, 400);
+            daemon.kill9();
+            faults += 1;
+            pause(&mut rng, 0, 50);
+            daemon.spawn();
+            if done() && faults >= n_faults / 2 {
+                break;
+            }
+        }
+    });
+    let ledger = settle(
+        &daemon.images,
+        &observer,
+        &imgs,
+        &acked,
+        Duration::from_secs(60),
+    );
+    Run {
+        kind: "kill -9 imaged",
+        faults,
+        ledger,
+    }
+}
+
+/// Fault 2: kill -9 of the broker and a restart, at random moments. The broker keeps its state on disk after
+/// every change (`autosave_on_changes`); see docs/RELIABILITY.md for the losses that are its own by its rules
+/// and how the scenario keeps them out.
+pub fn broker_kills(seed: u64, n_images: usize, n_faults: usize) -> Run {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut broker = Broker::persistent();
+    let observer = Observer::start(broker.port, STORED);
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+    let imgs = images(seed, n_images, 2_000, 60_000);
+    let chunk = n_images.div_ceil(n_faults.max(1));
+    let mut acked = Vec::new();
+    let mut faults = 0;
+    for batch in imgs.chunks(chunk) {
+        // The batch is acknowledged by the broker and saved (it saves right after each change) before the
+        // kill, which then lands while imaged is still storing, acking and republishing it.
+        acked.extend(publish_all(
+            broker.port,
+            UPLOAD,
+            batch,
+            32,
+            Duration::from_secs(120),
+        ));
+        pause(&mut rng, 20, 80);
+        broker.kill9();
+        faults += 1;
+        pause(&mut rng, 0, 300);
+        broker.restart();
+    }
+    let ledger = settle(
+        &daemon.images,
+        &observer,
+        &imgs,
+        &acked,
+        Duration::from_secs(60),
+    );
+    Run {
+        kind: "kill -9 broker",
+        faults,
+        ledger,
+    }
+}
+
+/// Fault 3: a TCP proxy between imaged and the broker that cuts the connection, black-holes it for longer
+/// than the keep-alive, or trickles bytes.
+pub fn network_faults(seed: u64, n_images: usize, n_faults: usize) -> Run {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    let proxy = Proxy::start(broker.port);
+    let extra = "[broker]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"imaged-net-{id}\"\nkeep_alive_secs = 2\nconnect_timeout_secs = 2\n"
+        .replace("{port}", &proxy.port.to_string())
+        .replace("{id}", &seed.to_string());
+    let mut daemon = Daemon::start_with(proxy.port, &extra, &[]);
+    daemon.wait_ready();
+    let imgs = images(seed, n_images, 2_000, 80_000);
+    let mut faults = 0;
+    let acked = under_load(broker.port, &imgs, |done| {
+        while faults < n_faults && !(done() && faults >= n_faults / 2) {
+            pause(&mut rng, 100, 500);
+            match faults % 3 {
+                0 => proxy.cut(),
+                1 => {
+                    proxy.set(Mode::BlackHole);
+                    pause(&mut rng, 3_500, 4_500);
+                    proxy.set(Mode::Pass);
+                }
+                _ => {
+                    proxy.set(Mode::Trickle);
+                    pause(&mut rng, 500, 1_500);
+                    proxy.set(Mode::Pass);
+                }
+            }
+            faults += 1;
+        }
+    });
+    let ledger = settle(
+        &daemon.images,
+        &observer,
+        &imgs,
+        &acked,
+        Duration::from_secs(90),
+    );
+    Run {
+        kind: "network cut/stall/trickle",
+        faults,
+        ledger,
+    }
+}
+
+/// Whether this process may mount (the disk scenarios need root, which CI has).
+pub fn can_mount() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let status = Command::new(cmd).args(args).status().unwrap();
+    assert!(status.success(), "{cmd} {args:?} failed");
+}
+
+/// A small tmpfs, unmounted on drop.
+pub struct Tmpfs {
+    pub path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size_mb: usize) -> Tmpfs {
+        let dir = scratch();
+        let path = dir.path().join("disk");
+        std::fs::create_dir(&path).unwrap();
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mb}m,mode=0755"),
+                "tmpfs",
+                path.to_str().unwrap(),
+            ],
+        );
+        Tmpfs { path, _dir: dir }
+    }
+
+    pub fn remount(&self, how: &str) {
+        run(
+            "mount",
+            &["-o", &format!("remount,{how}"), self.path.to_str().unwrap()],
+        );
+    }
+
+    pub fn try_remount(&self, how: &str) -> bool {
+        Command::new("mount")
+            .args(["-o", &format!("remount,{how}"), self.path.to_str().unwrap()])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Fills a file system until it is full; deleting the returned file frees the space.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while file.write_all(&block).is_ok() {}
+    let _ = file.sync_all();
+    path
+}
+
+/// Fault 4: a full disk (storage on a small tmpfs, filled), then freed; and a read-only remount, then
+/// read-write again. imaged must hold back acks, say so, and store everything once the disk works.
+pub fn disk_faults(seed: u64, n_images: usize, n_faults: usize) -> Run {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    let disk = Tmpfs::mount(64);
+    // The index on its own small disk, filled with the images' disk: a file open for writing on the images'
+    // disk would make the read-only remount fail with EBUSY.
+    let state = Tmpfs::mount(16);
+    let extra = format!(
+        "[storage]\ndir = \"{}/images\"\nstate_dir = \"{}/state\"\n",
+        disk.path.display(),
+        state.path.display()
+    );
+    let mut daemon = Daemon::start_with(broker.port, &extra, &[]);
+    daemon.images = disk.path.join("images");
+    daemon.wait_ready();
+    let imgs = images(seed, n_images, 2_000, 100_000);
+    let mut faults = 0;
+    let acked = under_load(broker.port, &imgs, |done| {
+        while faults < n_faults && !(done() && faults >= n_faults / 2) {
+            pause(&mut rng, 100, 400);
+            if faults % 2 == 0 {
+                let fillers = [fill(&disk.path), fill(&state.path)];
+                pause(&mut rng, 500, 1_500);
+                for filler in fillers {
+                    std::fs::remove_file(filler).unwrap();
+                }
+            } else {
+                // EBUSY while a temp file is open for writing: try again between writes.
+                let start = Instant::now();
+                while !disk.try_remount("ro") {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(10),
+                        "the read-only remount keeps failing"
+                    );
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                pause(&mut rng, 500, 1_500);
+                disk.remount("rw");
+            }
+            faults += 1;
+        }
+    });
+    let ledger = settle(
+        &daemon.images,
+        &observer,
+        &imgs,
+        &acked,
+        Duration::from_secs(90),
+    );
+    let log = daemon.log();
+    assert!(
+        log.contains("Storage is failing"),
+        "the disk trouble is logged:\n{log}"
+    );
+    assert!(
+        log.contains("Storage works again"),
+        "the recovery is logged:\n{log}"
+    );
+    Run {
+        kind: "full disk / read-only",
+        faults,
+        ledger,
+    }
+}
+
+/// Fault 5: SIGSTOP of imaged for longer than the broker's keep-alive, then SIGCONT.
+pub fn sigstops(seed: u64, n_images: usize, n_faults: usize) -> Run {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    let extra = format!(
+        "[broker]\nhost = \"127.0.0.1\"\nport = {}\nclient_id = \"imaged-stop-{seed}\"\nkeep_alive_secs = 1\n",
+        broker.port
+    );
+    let mut daemon = Daemon::start_with(broker.port, &extra, &[]);
+    daemon.wait_ready();
+    let imgs = images(seed, n_images, 2_000, 80_000);
+    let mut faults = 0;
+    let acked = under_load(broker.port, &imgs, |done| {
+        while faults < n_faults && !(done() && faults >= n_faults / 2) {
+            pause(&mut rng, 100, 500);
+            signal(daemon.pid(), libc::SIGSTOP);
+            // The broker gives up on a client after 1.5 keep-alives (1.5 s here).
+            pause(&mut rng, 2_000, 2_500);
+            signal(daemon.pid(), libc::SIGCONT);
+            faults += 1;
+        }
+    });
+    let ledger = settle(
+        &daemon.images,
+        &observer,
+        &imgs,
+        &acked,
+        Duration::from_secs(60),
+    );
+    Run {
+        kind: "SIGSTOP > keep-alive",
+        faults,
+        ledger,
+    }
+}
+
+/// A payload that must be refused, and the reason imaged must give.
+pub fn hostile_payloads(seed: u64, n: usize, max: usize) -> Vec<(Vec<u8>, &'static str)> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n)
+        .map(|i| match i % 6 {
+            0 => (
+                (0..rng.usize(1..3000))
+                    .map(|_| rng.u8(..))
+                    .collect::<Vec<u8>>(),
+                "not a JPEG",
+            ),
+            1 => {
+                let whole = jpeg(seed + i as u64, 5000);
+                (
+                    whole[..rng.usize(3..4990)].to_vec(),
+                    "does not end with FF D9",
+                )
+            }
+            2 => {
+                let mut bad = jpeg(seed + i as u64, 5000);
+                bad[0] = 0x00;
+                (bad, "does not start with FF D8 FF")
+            }
+            3 => (Vec::new(), "the payload is empty"),
+            4 => (
+                jpeg(seed + i as u64, max + 1 + rng.usize(0..1000)),
+                "is over storage.max_image_bytes",
+            ),
+            _ => {
+                let mut bad = jpeg(seed + i as u64, 4000);
+                let last = bad.len() - 1;
+                bad[last] = 0xD8;
+                (bad, "does not end with FF D9")
+            }
+        })
+        .collect()
+}
+
+/// Topic names a hostile client can publish under `image/upload/#`.
+pub fn hostile_topics() -> Vec<String> {
+    vec![
+        "image/upload/../../../etc/passwd".into(),
+        "image/upload/..".into(),
+        "image/upload/a//b///".into(),
+        // Mosquitto refuses control characters in topics (MQTT says they should not be used), so they never
+        // reach imaged; these are the odd ones it lets through.
+        "image/upload/ spaces and %2e%2e%2f/\u{200d}\u{1f4f7}".into(),
+        "image/upload/\u{feff}/\u{202e}gpj.exe".into(),
+        format!("image/upload/{}", "x".repeat(60_000)),
+        format!("image/upload/{}", "../".repeat(100)),
+    ]
+}
+
+/// Fault 6: hostile input on the live daemon: random bytes, truncated and corrupted JPEGs, empty payloads,
+/// images at and over the size limit, hostile topic names, interleaved with good images.
+pub fn hostile_input(seed: u64, n_bad: usize, n_good: usize) -> Run {
+    const MAX: usize = 50_000;
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    let scratch_dir = scratch();
+    let extra = format!(
+        "[topics]\nupload = \"image/upload/#\"\n[storage]\ndir = \"{}/images\"\nmax_image_bytes = {MAX}\n",
+        scratch_dir.path().display()
+    );
+    let mut daemon = Daemon::start_with(broker.port, &extra, &[]);
+    daemon.images = scratch_dir.path().join("images");
+    daemon.wait_ready();
+    let mut good = images(seed, n_good, 1_000, 20_000);
+    good.push(jpeg(seed ^ 0xABCD, MAX)); // exactly at the limit: an image
+    let bad = hostile_payloads(seed, n_bad, MAX);
+    let topics = hostile_topics();
+    let mut all = Vec::new();
+    let mut all_topics = Vec::new();
+    let mut bi = bad.iter();
+    for (i, image) in good.iter().enumerate() {
+        all.push(image.clone());
+        all_topics.push(topics[i % topics.len()].clone());
+        for _ in 0..n_bad.div_ceil(good.len()) {
+            if let Some((payload, _)) = bi.next() {
+                all.push(payload.clone());
+                all_topics.push(topics[(i + 3) % topics.len()].clone());
+            }
+        }
+    }
+    for (payload, _) in bi {
+        all.push(payload.clone());
+        all_topics.push(UPLOAD.into());
+    }
+    let outside_before = std::fs::read_dir(scratch_dir.path()).unwrap().count();
+    let acked = publish_each(broker.port, &all_topics, &all, 32, Duration::from_secs(300));
+    assert!(acked.iter().all(|a| *a), "the broker took every message");
+    let good_acked = vec![true; good.len()];
+    let ledger = settle(
+        &daemon.images,
+        &observer,
+        &good,
+        &good_acked,
+        Duration::from_secs(60),
+    );
+    wait_until(
+        "every bad payload is rejected",
+        Duration::from_secs(60),
+        || {
+            daemon.log_count("rejected from topic") + daemon.log_count("refused from topic")
+                >= bad.len()
+        },
+    );
+    let log = daemon.log();
+    for (_, reason) in &bad {
+        assert!(log.contains(reason), "reason {reason:?} is logged");
+    }
+    assert!(daemon.try_wait().is_none(), "imaged is still running");
+    assert_eq!(
+        std::fs::read_dir(scratch_dir.path()).unwrap().count(),
+        outside_before,
+        "nothing outside the store"
+    );
+    for name in daemon.stored().keys() {
+        assert!(
+            name.starts_with("image_") && name.len() < 40,
+            "plain name: {name:?}"
+        );
+    }
+    Run {
+        kind: "hostile input",
+        faults: bad.len() + topics.len(),
+        ledger,
+    }
+}
+
+/// Resident memory of a process: (current, peak) in bytes.
+pub fn rss(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// The documented memory bound (README, "Memory") for a config.
+pub fn memory_bound(inflight_bytes: u64, max_image: u64) -> u64 {
+    2 * inflight_bytes + 6 * max_image + 24 * 1024 * 1024
+}
+
+/// Fault 8: a flood of the largest allowed images; the peak RSS stays within the documented bound, and the
+/// RSS after rounds of the same load does not keep growing.
+pub fn memory_flood(seed: u64, rounds: usize, per_round: usize) -> (Run, u64, u64, Vec<u64>) {
+    const MAX: usize = 4 * 1024 * 1024;
+    const INFLIGHT: usize = 16 * 1024 * 1024;
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    let scratch_dir = scratch();
+    let extra = format!(
+        "[storage]\ndir = \"{}/images\"\nmax_image_bytes = {MAX}\n[limits]\ninflight_bytes = {INFLIGHT}\n",
+        scratch_dir.path().display()
+    );
+    let mut daemon = Daemon::start_with(broker.port, &extra, &[]);
+    daemon.images = scratch_dir.path().join("images");
+    daemon.wait_ready();
+    let mut all = Vec::new();
+    let mut acked = Vec::new();
+    let mut after_round = Vec::new();
+    for round in 0..rounds {
+        let imgs: Vec<Vec<u8>> = (0..per_round)
+            .map(|i| jpeg(seed + (round * per_round + i) as u64, MAX))
+            .collect();
+        acked.extend(publish_all(
+            broker.port,
+            UPLOAD,
+            &imgs,
+            64,
+            Duration::from_secs(300),
+        ));
+        all.extend(imgs);
+        wait_until("the round is stored", Duration::from_secs(120), || {
+            daemon.stored_count() >= all.len()
+        });
+        after_round.push(rss(daemon.pid()).0);
+    }
+    let (_, peak) = rss(daemon.pid());
+    let ledger = settle(
+        &daemon.images,
+        &observer,
+        &all,
+        &acked,
+        Duration::from_secs(60),
+    );
+    let bound = memory_bound(INFLIGHT as u64, MAX as u64);
+    (
+        Run {
+            kind: "memory flood",
+            faults: 0,
+            ledger,
+        },
+        peak,
+        bound,
+        after_round,
+    )
+}
+
+/// The summary table of several runs.
+pub fn table(runs: &[Run]) -> String {
+    let mut out = String::from(
+        "| fault | injected | images sent | acked | stored | lost | duplicated | partial |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    let mut by_kind: Vec<(&str, Run)> = Vec::new();
+    for run in runs {
+        match by_kind.iter_mut().find(|(k, _)| *k == run.kind) {
+            Some((_, total)) => {
+                total.faults += run.faults;
+                let (t, l) = (&mut total.ledger, &run.ledger);
+                t.sent += l.sent;
+                t.acked += l.acked;
+                t.stored += l.stored;
+                t.lost.extend(l.lost.iter().cloned());
+                t.duplicated += l.duplicated;
+                t.partial += l.partial;
+            }
+            None => by_kind.push((run.kind, run.clone())),
+        }
+    }
+    let mut totals = Ledger::default();
+    let mut faults = 0;
+    for (kind, run) in &by_kind {
+        let l = &run.ledger;
+        out += &format!(
+            "| {kind} | {} | {} | {} | {} | {} | {} | {} |\n",
+            run.faults,
+            l.sent,
+            l.acked,
+            l.stored,
+            l.lost.len(),
+            l.duplicated,
+            l.partial
+        );
+        faults += run.faults;
+        totals.sent += l.sent;
+        totals.acked += l.acked;
+        totals.stored += l.stored;
+        totals.lost.extend(l.lost.iter().cloned());
+        totals.duplicated += l.duplicated;
+        totals.partial += l.partial;
+    }
+    out += &format!(
+        "| **all** | **{faults}** | **{}** | **{}** | **{}** | **{}** | **{}** | **{}** |\n",
+        totals.sent,
+        totals.acked,
+        totals.stored,
+        totals.lost.len(),
+        totals.duplicated,
+        totals.partial
+    );
+    out
+}
+
+pub type Seen = HashMap<Hash, usize>;

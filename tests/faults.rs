@@ -1,0 +1,63 @@
+//! Fault injection at CI size: every kind of fault on a live imaged under load, against real Mosquitto
+//! processes and the real binary. A clean ledger means: every image the sender saw acknowledged is stored
+//! exactly once and was republished, and no visible file is partial. `make torture` runs the same scenarios
+//! at scale (benches/torture.rs) for docs/RELIABILITY.md.
+
+mod common;
+
+use common::scenarios::{self, Run};
+
+fn report(run: &Run) {
+    println!("{}", scenarios::table(std::slice::from_ref(run)));
+    run.ledger.assert_clean(run.kind);
+}
+
+#[test]
+fn imaged_killed_at_random_moments_loses_and_duplicates_nothing() {
+    report(&scenarios::imaged_kills(1, 800, 12));
+}
+
+#[test]
+fn broker_killed_and_restarted_at_random_moments_loses_nothing() {
+    report(&scenarios::broker_kills(2, 600, 6));
+}
+
+#[test]
+fn network_cuts_black_holes_and_trickles_lose_nothing() {
+    report(&scenarios::network_faults(3, 600, 4));
+}
+
+#[test]
+fn a_full_disk_and_a_read_only_remount_hold_acks_and_everything_arrives_afterwards() {
+    if !scenarios::can_mount() {
+        println!("SKIP: the disk scenario mounts a tmpfs and needs root (CI runs as root)");
+        return;
+    }
+    report(&scenarios::disk_faults(4, 400, 4));
+}
+
+#[test]
+fn sigstop_for_longer_than_the_keep_alive_then_sigcont_loses_nothing() {
+    report(&scenarios::sigstops(5, 500, 3));
+}
+
+#[test]
+fn hostile_payloads_and_topics_are_rejected_with_a_reason_and_good_images_stored() {
+    report(&scenarios::hostile_input(6, 1200, 200));
+}
+
+#[test]
+fn memory_stays_within_the_documented_bound_under_a_flood_of_the_largest_images() {
+    let (run, peak, bound, after_round) = scenarios::memory_flood(7, 4, 20);
+    report(&run);
+    println!("peak RSS {peak} bytes, bound {bound}, RSS after each round {after_round:?}");
+    assert!(
+        peak <= bound,
+        "peak RSS {peak} over the documented bound {bound}"
+    );
+    let (first, last) = (after_round[1], *after_round.last().unwrap());
+    assert!(
+        last <= first + 8 * 1024 * 1024,
+        "RSS grows from round to round: {after_round:?}"
+    );
+}
