@@ -704,6 +704,22 @@ mod tests {
         assert!(parse_mode("01777").is_err());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_text_gives_a_config_or_an_error_never_a_panic(text in "\\PC{0,200}") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn any_value_for_a_known_key_gives_a_config_or_an_error_naming_it(
+            section in "(broker|topics|storage|limits|log)", key in "[a-z_]{1,20}", value in "(\"[^\"\\\\]{0,20}\"|-?[0-9]{1,12}|true|false|\\[\\])",
+        ) {
+            if let Err(e) = parse(&format!("[{section}]\n{key} = {value}\n")) {
+                proptest::prop_assert!(e.key.is_some() || e.line.is_some(), "{}", e);
+            }
+        }
+    }
+
     #[test]
     fn half_a_client_certificate_is_refused() {
         let err = parse("[broker.tls]\ncert_file = \"/c.pem\"\n").unwrap_err();

@@ -515,6 +515,43 @@ mod tests {
         assert!(!replayed.entries.contains_key(&h(3)));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_replay_without_panic_and_every_accepted_record_round_trips(log in proptest::collection::vec(proptest::num::u8::ANY, 0..2000)) {
+            let replayed = replay(&log[..]).unwrap();
+            proptest::prop_assert!(replayed.good_len <= log.len() as u64);
+            for line in log[..replayed.good_len as usize].split(|b| *b == b'\n') {
+                if let Some(record) = Record::decode(line) {
+                    let encoded = record.encode();
+                    proptest::prop_assert_eq!(encoded.trim_end().as_bytes(), line);
+                }
+            }
+        }
+
+        #[test]
+        fn a_valid_log_cut_or_corrupted_anywhere_loses_only_the_damaged_records(
+            n in 1usize..20, cut in proptest::num::usize::ANY, flip in proptest::num::usize::ANY,
+        ) {
+            let records: Vec<Record> = (0..n)
+                .map(|i| Record::Stored { hash: [i as u8; 32], size: i as u64, name: format!("{i}.jpg"), confirmed: false })
+                .collect();
+            let mut log: Vec<u8> = records.iter().flat_map(|r| r.encode().into_bytes()).collect();
+            log.truncate(cut % (log.len() + 1));
+            if !log.is_empty() {
+                let at = flip % log.len();
+                log[at] ^= 0x20;
+            }
+            let replayed = replay(&log[..]).unwrap();
+            // At most the flipped record and the torn one are missing, and nothing that was not written appears.
+            proptest::prop_assert!(replayed.entries.len() + 2 >= log.iter().filter(|b| **b == b'\n').count().min(n));
+            for (hash, entry) in &replayed.entries {
+                let i = hash[0] as usize;
+                let expected = format!("{i}.jpg");
+                proptest::prop_assert!(i < n && *hash == [hash[0]; 32] && entry.name == expected);
+            }
+        }
+    }
+
     #[test]
     fn a_name_with_a_path_in_it_is_not_trusted() {
         let line = Record::Stored {

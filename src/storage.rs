@@ -321,6 +321,28 @@ mod tests {
         assert_eq!(check_image(&[0xFF, 0xD8, 0xFF, 0xD9], 100), Ok(()));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn the_jpeg_check_never_panics_and_follows_the_markers(payload in proptest::collection::vec(proptest::num::u8::ANY, 0..64), max in 0usize..80) {
+            let verdict = check_image(&payload, max);
+            let markers = payload.len() >= 3 && payload.starts_with(&[0xFF, 0xD8, 0xFF]) && payload.ends_with(&[0xFF, 0xD9]);
+            proptest::prop_assert_eq!(verdict.is_ok(), markers && payload.len() <= max);
+        }
+
+        #[test]
+        fn names_never_repeat_for_any_sequence_of_arrival_times(steps in proptest::collection::vec(0i64..3, 1..300)) {
+            let mut namer = Namer::images();
+            let mut t = 1_800_000_000i64;
+            let mut seen = std::collections::HashSet::new();
+            for step in steps {
+                t += step;
+                let name = namer.next(at(t, 0));
+                proptest::prop_assert!(is_plain_name(&name));
+                proptest::prop_assert!(seen.insert(name));
+            }
+        }
+    }
+
     #[test]
     fn only_plain_names_are_accepted_from_the_index() {
         assert!(is_plain_name("image_20261125-165005.jpg"));
