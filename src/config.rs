@@ -562,6 +562,25 @@ fn check_topic_common(topic: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// A topic as it may appear in a log line: control characters escaped, so a client cannot forge log lines,
+/// and cut at 200 characters, so a 64 KB topic does not make a 64 KB line.
+pub fn topic_for_log(topic: &str) -> String {
+    const MAX: usize = 200;
+    let mut out = String::new();
+    for (n, c) in topic.chars().enumerate() {
+        if n == MAX {
+            out.push_str(&format!("…({} bytes)", topic.len()));
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Whether `topic` matches `filter` by MQTT's rules (`$`-topics are not matched by leading wildcards).
 pub fn topic_matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
@@ -682,6 +701,20 @@ mod tests {
         for filter in ["#", "+", "image/upload", "image/+/jpeg", "image/upload/#"] {
             assert!(check_topic_filter(filter).is_ok(), "{filter:?}");
         }
+    }
+
+    #[test]
+    fn topics_in_log_lines_cannot_forge_lines_or_flood_them() {
+        assert_eq!(topic_for_log("image/upload"), "image/upload");
+        assert_eq!(
+            topic_for_log("a\nINFO fake\u{1b}[31m"),
+            "a\\nINFO fake\\u{1b}[31m"
+        );
+        let long = topic_for_log(&"x".repeat(60_000));
+        assert!(
+            long.len() < 220 && long.ends_with("…(60000 bytes)"),
+            "{long}"
+        );
     }
 
     #[test]

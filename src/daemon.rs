@@ -91,6 +91,7 @@ async fn serve(config: Config) -> ExitCode {
             max_images: limits.inflight_images,
             max_bytes: limits.inflight_bytes,
             max_packet: config.max_packet_bytes(),
+            subscription_file: config.state_dir().join("subscription"),
         },
         client,
         pipeline.inbox.clone(),

@@ -18,6 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::storage::{self, hex, Context, PathError};
@@ -213,10 +214,12 @@ impl Index {
         window: usize,
     ) -> Result<(Index, Recovery), PathError> {
         let path = state_dir.join(FILE_NAME);
+        // Only imaged reads its index, whatever the umask.
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
+            .mode(0o600)
             .open(&path)
             .at("open", &path)?;
         let replayed = replay(&mut file).at("read", &path)?;

@@ -437,10 +437,7 @@ impl Committer {
 
     fn failed(&mut self, e: PathError) {
         if self.trouble.is_none() {
-            error!(
-                error = %e,
-                "Storage is failing: {e}. Holding back acknowledgements (the broker keeps the images) and retrying"
-            );
+            error!("Storage is failing: {e}. Holding back acknowledgements (the broker keeps the images) and retrying");
             self.health
                 .stats
                 .disk_trouble
@@ -646,11 +643,12 @@ impl Committer {
     fn settle(&mut self, slot: Slot) {
         let stats = &self.health.stats;
         let bytes = slot.payload.len();
+        let topic = crate::config::topic_for_log(&slot.topic);
         match slot.state {
             State::Stored { hash, name } => {
                 let path = self.settings.image_dir.join(&name);
                 info!(
-                    path = %path.display(), bytes, sha256 = %hex(&hash), topic = %slot.topic,
+                    path = %path.display(), bytes, sha256 = %hex(&hash), topic = %topic,
                     "Image saved: {}", path.display()
                 );
                 Stats::count(&stats.stored);
@@ -658,7 +656,8 @@ impl Committer {
                     .last_image_ms
                     .store(crate::systemd::unix_ms(), Ordering::Relaxed);
                 // Queued and outstanding republishes share one memory budget; beyond it, the outbox on disk.
-                let fits = self.queued_bytes + self.outstanding_bytes + bytes <= self.settings.republish_bytes;
+                let fits = self.queued_bytes + self.outstanding_bytes + bytes
+                    <= self.settings.republish_bytes;
                 if fits {
                     self.queued_bytes += bytes;
                 }
@@ -672,7 +671,7 @@ impl Committer {
             State::Duplicate { name } => {
                 let path = self.settings.image_dir.join(&name);
                 info!(
-                    path = %path.display(), bytes, topic = %slot.topic,
+                    path = %path.display(), bytes, topic = %topic,
                     "Image already stored as {}; not stored again", path.display()
                 );
                 Stats::count(&stats.duplicates);
@@ -680,13 +679,13 @@ impl Committer {
             State::Quarantined { name, why } => {
                 let path = self.settings.quarantine_dir.join(&name);
                 warn!(
-                    path = %path.display(), bytes, topic = %slot.topic, reason = %why,
-                    "Image rejected from topic '{}': {why}; kept as {}", slot.topic, path.display()
+                    path = %path.display(), bytes, topic = %topic, reason = %why,
+                    "Image rejected from topic '{}': {why}; kept as {}", topic, path.display()
                 );
                 Stats::count(&stats.rejected);
             }
             State::Refused(why) => {
-                warn!(bytes, topic = %slot.topic, reason = %why, "Image refused from topic '{}': {why}", slot.topic);
+                warn!(bytes, topic = %topic, reason = %why, "Image refused from topic '{}': {why}", topic);
                 Stats::count(&stats.rejected);
             }
             State::Held

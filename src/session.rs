@@ -48,6 +48,17 @@ pub struct Settings {
     pub max_bytes: usize,
     /// The incoming packet limit for normal operation (see [`Poller`]).
     pub max_packet: usize,
+    /// Where the upload filter of the persistent session is remembered, so that a changed `topics.upload`
+    /// also unsubscribes the old filter (the broker keeps it in the session otherwise).
+    pub subscription_file: std::path::PathBuf,
+}
+
+/// The filter to unsubscribe: the one remembered from an earlier run, when it is not the configured one.
+pub fn stale_filter(remembered: Option<&str>, configured: &str) -> Option<String> {
+    remembered
+        .map(str::trim)
+        .filter(|r| !r.is_empty() && *r != configured)
+        .map(str::to_string)
 }
 
 /// The decision of whether an upload's ack may go out now.
@@ -125,15 +136,22 @@ pub fn oversized(e: &ConnectionError) -> Option<usize> {
     }
 }
 
-/// Says in words what went wrong with the connection, for the one log line per episode.
+/// Says in words what went wrong with the connection, for the one log line per episode. The words do not
+/// depend on timing or attempt, so one cause makes one line however often it repeats.
 pub fn describe(e: &ConnectionError, broker: &str) -> String {
+    use rumqttc::mqttbytes::Error as Bytes;
+    use std::io::ErrorKind;
+    if let Some(tls) = crate::broker::rustls_error(e) {
+        return crate::broker::describe_rustls(tls, broker);
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => match code {
             ConnectReturnCode::BadUserNamePassword => {
-                format!("the broker {broker} refused the login: wrong user name or password (broker.username, broker.password_file)")
+                format!("the broker {broker} refused the login: wrong user name or password (broker.username, and broker.password_file or the systemd credential mqtt-password)")
             }
+            // What Mosquitto answers to a wrong password, and to a missing one when it requires one.
             ConnectReturnCode::NotAuthorized => {
-                format!("the broker {broker} refused the login: not authorized (user name, password or client certificate)")
+                format!("the broker {broker} refused the login (not authorized): wrong or missing user name or password (broker.username, and broker.password_file or the systemd credential mqtt-password)")
             }
             ConnectReturnCode::BadClientId => {
                 format!("the broker {broker} refused the client id (broker.client_id)")
@@ -144,15 +162,9 @@ pub fn describe(e: &ConnectionError, broker: &str) -> String {
             }
             ConnectReturnCode::Success => format!("the broker {broker} answered oddly"),
         },
-        ConnectionError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
-            format!("nothing accepts connections at {broker} (is the broker running? broker.host, broker.port)")
-        }
+        ConnectionError::Tls(tls) => crate::broker::describe_tls(tls, broker),
         ConnectionError::NetworkTimeout => {
             format!("no answer from {broker} within broker.connect_timeout_secs")
-        }
-        ConnectionError::Tls(tls) => crate::broker::describe_tls(tls, broker),
-        ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) => {
-            format!("the connection to {broker} failed: {io}")
         }
         ConnectionError::MqttState(StateError::ConnectionAborted) => {
             format!("the broker {broker} closed the connection")
@@ -160,10 +172,32 @@ pub fn describe(e: &ConnectionError, broker: &str) -> String {
         ConnectionError::MqttState(StateError::AwaitPingResp) => {
             format!("the broker {broker} stopped answering (no reply to a keep-alive ping)")
         }
-        ConnectionError::NotConnAck(_) => {
-            format!("{broker} did not answer like an MQTT broker (a TLS port without broker.tls?)")
+        ConnectionError::MqttState(StateError::Deserialization(Bytes::OutgoingPacketTooLarge {
+            pkt_size,
+            max,
+        })) => format!(
+            "a message of {pkt_size} bytes is larger than the {max} bytes this client may send to {broker}"
+        ),
+        // A TLS broker's answer to a plain CONNECT, read as MQTT.
+        ConnectionError::MqttState(StateError::Deserialization(bytes))
+            if !matches!(bytes, Bytes::Io(_)) =>
+        {
+            format!("{broker} sent something that is not MQTT ({bytes}): is it a TLS port? (then imaged needs [broker.tls]; 8883 is the usual TLS port)")
         }
-        other => format!("the connection to {broker} failed: {other}"),
+        ConnectionError::NotConnAck(_) => {
+            format!("{broker} did not answer like an MQTT broker: is it a TLS port? (then imaged needs [broker.tls]; 8883 is the usual TLS port)")
+        }
+        other => match crate::broker::io_error(other) {
+            Some(io) if io.kind() == ErrorKind::ConnectionRefused => {
+                format!("nothing accepts connections at {broker} (is the broker running? broker.host, broker.port)")
+            }
+            // A TLS listener resets a plain client at its first bytes (a CONNECT is no ClientHello).
+            Some(io) if io.kind() == ErrorKind::ConnectionReset => {
+                format!("{broker} reset the connection (if it does so at every connect: is it a TLS port? then imaged needs [broker.tls]; 8883 is the usual TLS port)")
+            }
+            Some(io) => format!("the connection to {broker} failed: {io}"),
+            None => format!("the connection to {broker} failed: {other}"),
+        },
     }
 }
 
@@ -192,6 +226,8 @@ pub struct Session {
     /// Republishes on the wire, waiting for the broker's PUBACK.
     by_pkid: HashMap<u16, (Hash, String)>,
     need_subscribe: bool,
+    /// An old upload filter still in the persistent session, to unsubscribe.
+    unsubscribe: Option<String>,
     resubscribe_at: Option<Instant>,
     ready: bool,
     last_problem: Option<String>,
@@ -207,6 +243,8 @@ impl Session {
         pipeline: mpsc::Sender<Inbox>,
         health: Arc<Health>,
     ) -> Session {
+        let remembered = std::fs::read_to_string(&settings.subscription_file).ok();
+        let unsubscribe = stale_filter(remembered.as_deref(), &settings.upload);
         Session {
             beat: health.register("MQTT event loop"),
             settings,
@@ -223,6 +261,7 @@ impl Session {
             unnumbered: VecDeque::new(),
             by_pkid: HashMap::new(),
             need_subscribe: false,
+            unsubscribe,
             resubscribe_at: None,
             ready: false,
             last_problem: None,
@@ -405,6 +444,7 @@ impl Session {
                         "Ready: subscribed to '{}', republishing on '{}'",
                         self.settings.upload, self.settings.stored
                     );
+                    self.remember_subscription();
                 }
             }
             Ok(Event::Incoming(Incoming::Publish(publish))) => self.received(publish)?,
@@ -488,6 +528,22 @@ impl Session {
             .map_err(|_| "the storage pipeline stopped".to_string())
     }
 
+    fn remember_subscription(&self) {
+        let file = &self.settings.subscription_file;
+        let dir = file.parent().unwrap_or(std::path::Path::new("."));
+        let written = crate::storage::write_temp(dir, self.settings.upload.as_bytes(), 0o600)
+            .and_then(|temp| {
+                temp.persist(file).map_err(|e| crate::storage::PathError {
+                    op: "replace",
+                    path: file.clone(),
+                    source: e.error,
+                })
+            });
+        if let Err(e) = written {
+            warn!("{e}; a later change of topics.upload will not unsubscribe this filter");
+        }
+    }
+
     /// Moves what is waiting into rumqttc's request channel, as far as it has room; never waits.
     fn flush(&mut self) {
         if !self.connected || self.disconnect_sent {
@@ -496,6 +552,12 @@ impl Session {
         if self.resubscribe_at.is_some_and(|at| at <= Instant::now()) {
             self.resubscribe_at = None;
             self.need_subscribe = true;
+        }
+        if let Some(old) = &self.unsubscribe {
+            if self.client.try_unsubscribe(old.clone()).is_ok() {
+                info!("Unsubscribing from '{old}', the upload filter of an earlier configuration");
+                self.unsubscribe = None;
+            }
         }
         if self.need_subscribe
             && self
@@ -536,6 +598,17 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_remembered_filter_other_than_the_configured_one_is_unsubscribed() {
+        assert_eq!(stale_filter(None, "image/upload"), None);
+        assert_eq!(stale_filter(Some("image/upload\n"), "image/upload"), None);
+        assert_eq!(stale_filter(Some(""), "image/upload"), None);
+        assert_eq!(
+            stale_filter(Some("cams/#"), "image/upload").as_deref(),
+            Some("cams/#")
+        );
+    }
 
     #[test]
     fn an_ack_goes_out_only_on_the_connection_its_upload_came_on() {

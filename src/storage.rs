@@ -214,7 +214,8 @@ pub fn write_temp(dir: &Path, bytes: &[u8], mode: u32) -> Result<TempPath, PathE
     file.as_file()
         .set_permissions(Permissions::from_mode(mode))
         .at("set the mode of", &path)?;
-    file.write_all(bytes).at("write", &path)?;
+    // Through the File, not the NamedTempFile, whose errors repeat the path we add ourselves.
+    file.as_file_mut().write_all(bytes).at("write", &path)?;
     file.as_file().sync_data().at("fsync", &path)?;
     Ok(file.into_temp_path())
 }

@@ -383,3 +383,35 @@ fn sigterm_while_images_flow_exits_zero_and_leaves_no_partial_file() {
     }
     assert!(daemon.log().contains("Stopped"));
 }
+
+#[test]
+fn a_changed_upload_filter_stops_the_old_one_in_the_persistent_session() {
+    let broker = Broker::start();
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+    assert!(daemon.terminate().success());
+
+    let text =
+        std::fs::read_to_string(&daemon.config).unwrap() + "[topics]\nupload = \"cams/+/jpeg\"\n";
+    std::fs::write(&daemon.config, text).unwrap();
+    daemon.spawn();
+    daemon.wait_ready_n(2);
+    wait_until(
+        "the old filter is unsubscribed",
+        Duration::from_secs(5),
+        || daemon.log().contains("Unsubscribing from 'image/upload'"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(broker.mosquitto_pub(UPLOAD, &jpeg(1, 3000)));
+    let new = jpeg(2, 3000);
+    assert!(broker.mosquitto_pub("cams/door/jpeg", &new));
+    daemon.wait_stored(1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let stored = daemon.stored();
+    assert_eq!(
+        stored.len(),
+        1,
+        "only the image on the new filter is stored"
+    );
+    assert_eq!(stored.values().next().unwrap(), &new);
+}

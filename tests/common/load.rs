@@ -99,9 +99,9 @@ async fn publish(
                 }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if !by_pkid.contains_key(&pkid) {
+                if let std::collections::hash_map::Entry::Vacant(slot) = by_pkid.entry(pkid) {
                     if let Some(i) = unnumbered.pop_front() {
-                        by_pkid.insert(pkid, i);
+                        slot.insert(i);
                     }
                 }
             }

@@ -328,23 +328,7 @@ impl Daemon {
     }
 
     pub fn start_with(port: u16, extra: &str, env: &[(&str, &str)]) -> Daemon {
-        let scratch = scratch();
-        let dir = scratch.path().to_path_buf();
-        let client_id = format!("imaged-test-{}", fastrand::u64(..));
-        let config = dir.join("imaged.toml");
-        fs::write(&config, Daemon::config_text(port, &dir, &client_id, extra)).unwrap();
-        let mut daemon = Daemon {
-            images: dir.join("images"),
-            log_path: dir.join("imaged.log"),
-            dir,
-            config,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            child: None,
-            _scratch: scratch,
-        };
+        let mut daemon = Daemon::prepare(port, extra, env);
         daemon.spawn();
         daemon
     }

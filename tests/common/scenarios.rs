@@ -38,37 +38,44 @@ fn pause(rng: &mut fastrand::Rng, min_ms: u64, max_ms: u64) {
     std::thread::sleep(Duration::from_millis(rng.u64(min_ms..=max_ms)));
 }
 
-/// Waits until every acknowledged image is stored and republished (or `timeout`), then counts.
+/// Waits until every acknowledged image is stored and republished (or 90 s), then counts. When something is
+/// missing, the daemon's and the broker's logs are kept under /tmp/imaged-evidence-* for a look.
 pub fn settle(
-    storage: &Path,
+    daemon: &Daemon,
+    broker: &Broker,
     observer: &Observer,
     images: &[Vec<u8>],
     acked: &[bool],
-    timeout: Duration,
 ) -> Ledger {
     let start = Instant::now();
     loop {
-        let ledger = Ledger::count(images, acked, storage, &observer.seen());
-        if ledger.lost.is_empty() || start.elapsed() > timeout {
+        let ledger = Ledger::count(images, acked, &daemon.images, &observer.seen());
+        if ledger.lost.is_empty() || start.elapsed() > Duration::from_secs(90) {
+            if !ledger.lost.is_empty() {
+                let keep = tempfile::Builder::new()
+                    .prefix("imaged-evidence-")
+                    .tempdir()
+                    .unwrap()
+                    .keep();
+                let _ = std::fs::copy(&daemon.log_path, keep.join("imaged.log"));
+                let _ = std::fs::write(keep.join("mosquitto.log"), broker.log());
+                let _ = std::fs::write(keep.join("lost.txt"), ledger.lost.join("\n"));
+                eprintln!("evidence of the losses kept in {}", keep.display());
+            }
             return ledger;
         }
         std::thread::sleep(Duration::from_millis(250));
     }
 }
 
-/// Publishes in the background while `inject` runs; returns the acknowledgements.
-fn under_load(port: u16, images: &[Vec<u8>], inject: impl FnOnce(&dyn Fn() -> bool)) -> Vec<bool> {
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+/// Publishes in the background while `inject` runs; returns the acknowledgements. The broker takes the
+/// images faster than imaged stores them, so the faults land while imaged works through the backlog.
+fn under_load(port: u16, images: &[Vec<u8>], inject: impl FnOnce()) -> Vec<bool> {
     let publisher = {
         let images = images.to_vec();
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let acked = publish_all(port, UPLOAD, &images, 32, Duration::from_secs(900));
-            done.store(true, std::sync::atomic::Ordering::SeqCst);
-            acked
-        })
+        std::thread::spawn(move || publish_all(port, UPLOAD, &images, 32, Duration::from_secs(900)))
     };
-    inject(&|| done.load(std::sync::atomic::Ordering::SeqCst));
+    inject();
     publisher.join().unwrap()
 }
 
@@ -82,25 +89,16 @@ pub fn imaged_kills(seed: u64, n_images: usize, n_faults: usize) -> Run {
     daemon.wait_ready();
     let imgs = images(seed, n_images, 2_000, 120_000);
     let mut faults = 0;
-    let acked = under_load(broker.port, &imgs, |done| {
+    let acked = under_load(broker.port, &imgs, || {
         while faults < n_faults {
             pause(&mut rng, 20, 400);
             daemon.kill9();
             faults += 1;
             pause(&mut rng, 0, 50);
             daemon.spawn();
-            if done() && faults >= n_faults / 2 {
-                break;
-            }
         }
     });
-    let ledger = settle(
-        &daemon.images,
-        &observer,
-        &imgs,
-        &acked,
-        Duration::from_secs(60),
-    );
+    let ledger = settle(&daemon, &broker, &observer, &imgs, &acked);
     Run {
         kind: "kill -9 imaged",
         faults,
@@ -117,7 +115,9 @@ pub fn broker_kills(seed: u64, n_images: usize, n_faults: usize) -> Run {
     let observer = Observer::start(broker.port, STORED);
     let mut daemon = Daemon::start(&broker);
     daemon.wait_ready();
-    let imgs = images(seed, n_images, 2_000, 60_000);
+    // Small images: the broker rewrites its whole database after every change, so its speed falls with the
+    // bytes it holds.
+    let imgs = images(seed, n_images, 1_000, 8_000);
     let chunk = n_images.div_ceil(n_faults.max(1));
     let mut acked = Vec::new();
     let mut faults = 0;
@@ -137,13 +137,7 @@ pub fn broker_kills(seed: u64, n_images: usize, n_faults: usize) -> Run {
         pause(&mut rng, 0, 300);
         broker.restart();
     }
-    let ledger = settle(
-        &daemon.images,
-        &observer,
-        &imgs,
-        &acked,
-        Duration::from_secs(60),
-    );
+    let ledger = settle(&daemon, &broker, &observer, &imgs, &acked);
     Run {
         kind: "kill -9 broker",
         faults,
@@ -165,8 +159,8 @@ pub fn network_faults(seed: u64, n_images: usize, n_faults: usize) -> Run {
     daemon.wait_ready();
     let imgs = images(seed, n_images, 2_000, 80_000);
     let mut faults = 0;
-    let acked = under_load(broker.port, &imgs, |done| {
-        while faults < n_faults && !(done() && faults >= n_faults / 2) {
+    let acked = under_load(broker.port, &imgs, || {
+        while faults < n_faults {
             pause(&mut rng, 100, 500);
             match faults % 3 {
                 0 => proxy.cut(),
@@ -184,13 +178,7 @@ pub fn network_faults(seed: u64, n_images: usize, n_faults: usize) -> Run {
             faults += 1;
         }
     });
-    let ledger = settle(
-        &daemon.images,
-        &observer,
-        &imgs,
-        &acked,
-        Duration::from_secs(90),
-    );
+    let ledger = settle(&daemon, &broker, &observer, &imgs, &acked);
     Run {
         kind: "network cut/stall/trickle",
         faults,
@@ -272,7 +260,10 @@ pub fn disk_faults(seed: u64, n_images: usize, n_faults: usize) -> Run {
     let mut rng = fastrand::Rng::with_seed(seed);
     let broker = Broker::start();
     let observer = Observer::start(broker.port, STORED);
-    let disk = Tmpfs::mount(64);
+    let imgs = images(seed, n_images, 2_000, 100_000);
+    // Room for every image and the filler's headroom: the faults are the filler and the remount, not a disk
+    // that the images themselves fill up for good.
+    let disk = Tmpfs::mount(imgs.iter().map(Vec::len).sum::<usize>() * 2 / 1_000_000 + 32);
     // The index on its own small disk, filled with the images' disk: a file open for writing on the images'
     // disk would make the read-only remount fail with EBUSY.
     let state = Tmpfs::mount(16);
@@ -284,10 +275,9 @@ pub fn disk_faults(seed: u64, n_images: usize, n_faults: usize) -> Run {
     let mut daemon = Daemon::start_with(broker.port, &extra, &[]);
     daemon.images = disk.path.join("images");
     daemon.wait_ready();
-    let imgs = images(seed, n_images, 2_000, 100_000);
     let mut faults = 0;
-    let acked = under_load(broker.port, &imgs, |done| {
-        while faults < n_faults && !(done() && faults >= n_faults / 2) {
+    let acked = under_load(broker.port, &imgs, || {
+        while faults < n_faults {
             pause(&mut rng, 100, 400);
             if faults % 2 == 0 {
                 let fillers = [fill(&disk.path), fill(&state.path)];
@@ -311,13 +301,7 @@ pub fn disk_faults(seed: u64, n_images: usize, n_faults: usize) -> Run {
             faults += 1;
         }
     });
-    let ledger = settle(
-        &daemon.images,
-        &observer,
-        &imgs,
-        &acked,
-        Duration::from_secs(90),
-    );
+    let ledger = settle(&daemon, &broker, &observer, &imgs, &acked);
     let log = daemon.log();
     assert!(
         log.contains("Storage is failing"),
@@ -347,8 +331,8 @@ pub fn sigstops(seed: u64, n_images: usize, n_faults: usize) -> Run {
     daemon.wait_ready();
     let imgs = images(seed, n_images, 2_000, 80_000);
     let mut faults = 0;
-    let acked = under_load(broker.port, &imgs, |done| {
-        while faults < n_faults && !(done() && faults >= n_faults / 2) {
+    let acked = under_load(broker.port, &imgs, || {
+        while faults < n_faults {
             pause(&mut rng, 100, 500);
             signal(daemon.pid(), libc::SIGSTOP);
             // The broker gives up on a client after 1.5 keep-alives (1.5 s here).
@@ -357,13 +341,7 @@ pub fn sigstops(seed: u64, n_images: usize, n_faults: usize) -> Run {
             faults += 1;
         }
     });
-    let ledger = settle(
-        &daemon.images,
-        &observer,
-        &imgs,
-        &acked,
-        Duration::from_secs(60),
-    );
+    let ledger = settle(&daemon, &broker, &observer, &imgs, &acked);
     Run {
         kind: "SIGSTOP > keep-alive",
         faults,
@@ -463,13 +441,7 @@ pub fn hostile_input(seed: u64, n_bad: usize, n_good: usize) -> Run {
     let acked = publish_each(broker.port, &all_topics, &all, 32, Duration::from_secs(300));
     assert!(acked.iter().all(|a| *a), "the broker took every message");
     let good_acked = vec![true; good.len()];
-    let ledger = settle(
-        &daemon.images,
-        &observer,
-        &good,
-        &good_acked,
-        Duration::from_secs(60),
-    );
+    let ledger = settle(&daemon, &broker, &observer, &good, &good_acked);
     wait_until(
         "every bad payload is rejected",
         Duration::from_secs(60),
@@ -557,13 +529,7 @@ pub fn memory_flood(seed: u64, rounds: usize, per_round: usize) -> (Run, u64, u6
         after_round.push(rss(daemon.pid()).0);
     }
     let (_, peak) = rss(daemon.pid());
-    let ledger = settle(
-        &daemon.images,
-        &observer,
-        &all,
-        &acked,
-        Duration::from_secs(60),
-    );
+    let ledger = settle(&daemon, &broker, &observer, &all, &acked);
     let bound = memory_bound(INFLIGHT as u64, MAX as u64);
     (
         Run {
