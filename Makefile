@@ -70,5 +70,12 @@ bench-smoke: bench-deps
 	$(CARGO) build --release
 	$(CARGO) bench --bench bench -- --smoke
 
+# The fault scenarios at scale: at least 1,000 faults over at least 100,000 images, then the summary table
+# (docs/RELIABILITY.md). Needs root for the disk faults (tmpfs). TORTURE_ARGS='--minutes 50' etc.
+TORTURE_ARGS ?=
+torture: deps
+	$(CARGO) build --release
+	$(CARGO) bench --bench torture -- $(TORTURE_ARGS)
+
 clean:
 	$(CARGO) clean

@@ -1,0 +1,117 @@
+//! The disk floor: the durable write sequence imaged uses for each image (src/storage.rs: an O_EXCL temp
+//! file, fchmod, write, fdatasync, renameat2(RENAME_NOREPLACE), fsync of the folder), in a tight loop on
+//! `storage.writers` threads, with no MQTT. Every image gets its own folder fsync here; imaged may share one
+//! among a group of images (and adds one index append + fdatasync per group).
+
+use std::fs::{File, Permissions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::load::Stop;
+use crate::payload::Gen;
+
+pub struct DiskResult {
+    pub images: u64,
+    pub elapsed: Duration,
+    /// One durable write each, in milliseconds, sorted.
+    pub latencies_ms: Vec<f64>,
+}
+
+impl DiskResult {
+    pub fn rate(&self) -> f64 {
+        self.images as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// One image, durably, never replacing a file. `dontneed`: an experiment imaged does not do (yet): drop the
+/// file's pages from the page cache once they are on disk (see docs/BENCHMARKS.md, "Profile").
+pub fn durable_write(dir: &Path, bytes: &[u8], name: &str, dontneed: bool) -> std::io::Result<()> {
+    let mut file = tempfile::Builder::new()
+        .prefix(".incoming-")
+        .suffix(".part")
+        .tempfile_in(dir)?;
+    file.as_file()
+        .set_permissions(Permissions::from_mode(0o640))?;
+    file.write_all(bytes)?;
+    file.as_file().sync_data()?;
+    if dontneed {
+        // SAFETY: a valid open descriptor; the call only advises the kernel.
+        unsafe {
+            libc::posix_fadvise(file.as_file().as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+    file.into_temp_path()
+        .persist_noclobber(dir.join(name))
+        .map_err(|e| e.error)?;
+    File::open(dir)?.sync_all()
+}
+
+pub fn run(
+    dir: &Path,
+    gen: &Gen,
+    writers: usize,
+    stop: Stop,
+    dontneed: bool,
+) -> Result<DiskResult, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(Mutex::new(Instant::now()));
+    let start = Instant::now();
+    let threads: Vec<_> = (0..writers.max(1))
+        .map(|_| {
+            let (dir, gen, next, done, last) = (
+                dir.to_path_buf(),
+                gen.clone(),
+                next.clone(),
+                done.clone(),
+                last.clone(),
+            );
+            std::thread::spawn(move || -> Result<Vec<f64>, String> {
+                // One buffer per thread; only the header (the image's number) changes between images.
+                let mut buf = gen.make(0);
+                let mut latencies = Vec::new();
+                loop {
+                    let seq = next.fetch_add(1, Ordering::SeqCst);
+                    let more = match stop {
+                        Stop::Count(n) => seq < n,
+                        Stop::After(d) => start.elapsed() < d,
+                    };
+                    if !more {
+                        return Ok(latencies);
+                    }
+                    gen.stamp(&mut buf, seq);
+                    let t0 = Instant::now();
+                    durable_write(&dir, &buf, &format!("image_{seq:08}.jpg"), dontneed)
+                        .map_err(|e| format!("durable write in {}: {e}", dir.display()))?;
+                    let now = Instant::now();
+                    latencies.push((now - t0).as_secs_f64() * 1e3);
+                    done.fetch_add(1, Ordering::SeqCst);
+                    let mut l = last.lock().unwrap();
+                    if now > *l {
+                        *l = now;
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut latencies_ms = Vec::new();
+    for t in threads {
+        latencies_ms.extend(
+            t.join()
+                .map_err(|_| "a disk writer panicked".to_string())??,
+        );
+    }
+    latencies_ms.sort_by(f64::total_cmp);
+    let elapsed = *last.lock().unwrap() - start;
+    Ok(DiskResult {
+        images: done.load(Ordering::SeqCst),
+        elapsed,
+        latencies_ms,
+    })
+}
