@@ -114,17 +114,7 @@ fn kill_9_in_the_middle_of_500_images_loses_none_and_stores_each_once() {
     daemon.wait_ready();
 
     let images: Vec<Vec<u8>> = (0..500).map(|i| jpeg(5000 + i, 4000)).collect();
-    let port = broker.port;
-    let sender = std::thread::spawn({
-        let images = images.clone();
-        move || {
-            for image in &images {
-                while !mosquitto_pub(port, UPLOAD, image, &[]) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
-    });
+    let sender = send_in_background(broker.port, UPLOAD, &images);
     wait_until("some images are stored", Duration::from_secs(30), || {
         daemon.stored_count() >= 150
     });
@@ -136,15 +126,7 @@ fn kill_9_in_the_middle_of_500_images_loses_none_and_stores_each_once() {
 
     daemon.wait_stored(500, Duration::from_secs(60));
     observer.wait_for(500, Duration::from_secs(60));
-    let stored = hashes_in(&daemon.images);
-    for (i, image) in images.iter().enumerate() {
-        assert_eq!(
-            stored.get(&sha(image)),
-            Some(&1),
-            "image {i} must be stored exactly once"
-        );
-    }
-    assert_eq!(stored.len(), 500);
+    assert_each_stored_once(&daemon.images, &images);
 }
 
 #[test]
@@ -155,17 +137,7 @@ fn a_broker_killed_and_restarted_mid_stream_loses_nothing() {
     daemon.wait_ready();
 
     let images: Vec<Vec<u8>> = (0..300).map(|i| jpeg(9000 + i, 3000)).collect();
-    let port = broker.port;
-    let sender = std::thread::spawn({
-        let images = images.clone();
-        move || {
-            for image in &images {
-                while !mosquitto_pub(port, UPLOAD, image, &[]) {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
-    });
+    let sender = send_in_background(broker.port, UPLOAD, &images);
     wait_until("some images are stored", Duration::from_secs(30), || {
         daemon.stored_count() >= 100
     });
@@ -176,10 +148,7 @@ fn a_broker_killed_and_restarted_mid_stream_loses_nothing() {
 
     daemon.wait_stored(300, Duration::from_secs(60));
     observer.wait_for(300, Duration::from_secs(60));
-    let stored = hashes_in(&daemon.images);
-    for image in &images {
-        assert_eq!(stored.get(&sha(image)), Some(&1));
-    }
+    assert_each_stored_once(&daemon.images, &images);
     assert!(
         daemon.log().contains("Lost the connection"),
         "{}",
@@ -190,22 +159,11 @@ fn a_broker_killed_and_restarted_mid_stream_loses_nothing() {
 #[test]
 fn bad_payloads_are_rejected_with_a_reason_while_good_images_keep_flowing() {
     let broker = Broker::start();
-    let mut daemon = Daemon::start_with(broker.port, "", &[]);
-    std::fs::write(
-        &daemon.config,
-        Daemon::config_text(
-            broker.port,
-            &daemon.dir,
-            "imaged-bad-input",
-            &format!(
-                "[storage]\ndir = \"{}/images\"\nmax_image_bytes = 100000\n",
-                daemon.dir.display()
-            ),
-        ),
-    )
-    .unwrap();
-    daemon.kill9();
-    daemon.spawn();
+    let extra = "[storage]
+dir = \"{dir}/images\"
+max_image_bytes = 100000
+";
+    let mut daemon = Daemon::start_with(broker.port, extra, &[]);
     daemon.wait_ready();
 
     let good: Vec<Vec<u8>> = (0..20).map(|i| jpeg(300 + i, 5000)).collect();
@@ -252,22 +210,11 @@ fn bad_payloads_are_rejected_with_a_reason_while_good_images_keep_flowing() {
 #[test]
 fn a_packet_larger_than_the_transport_limit_is_refused_once_without_a_reconnect_loop() {
     let broker = Broker::start();
-    let mut daemon = Daemon::start_with(broker.port, "", &[]);
-    std::fs::write(
-        &daemon.config,
-        Daemon::config_text(
-            broker.port,
-            &daemon.dir,
-            "imaged-huge",
-            &format!(
-                "[storage]\ndir = \"{}/images\"\nmax_image_bytes = 10000\n",
-                daemon.dir.display()
-            ),
-        ),
-    )
-    .unwrap();
-    daemon.kill9();
-    daemon.spawn();
+    let extra = "[storage]
+dir = \"{dir}/images\"
+max_image_bytes = 10000
+";
+    let mut daemon = Daemon::start_with(broker.port, extra, &[]);
     daemon.wait_ready();
 
     // Far over the 10 kB limit plus the 64 KiB allowance for topic and header.

@@ -265,6 +265,40 @@ impl Drop for Broker {
     }
 }
 
+/// Publishes every image with mosquitto_pub in a thread, retrying each until the broker acknowledges it (for
+/// tests where the broker or imaged goes away mid-stream).
+pub fn send_in_background(
+    port: u16,
+    topic: &str,
+    images: &[Vec<u8>],
+) -> std::thread::JoinHandle<()> {
+    let (images, topic) = (images.to_vec(), topic.to_string());
+    std::thread::spawn(move || {
+        for image in &images {
+            while !mosquitto_pub(port, &topic, image, &[]) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    })
+}
+
+/// Asserts that each image is stored in exactly one file of `dir`, and nothing else is.
+pub fn assert_each_stored_once(dir: &Path, images: &[Vec<u8>]) {
+    let stored = hashes_in(dir);
+    for (i, image) in images.iter().enumerate() {
+        assert_eq!(
+            stored.get(&sha(image)),
+            Some(&1),
+            "image {i} must be stored exactly once"
+        );
+    }
+    assert_eq!(
+        stored.len(),
+        images.len(),
+        "nothing but the images sent is stored"
+    );
+}
+
 /// mosquitto_pub exits 0 only after the PUBACK of a QoS 1 message: an independent witness of "acknowledged".
 pub fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], extra: &[&str]) -> bool {
     // `-n` for an empty payload: `-s` refuses empty input.
@@ -307,8 +341,9 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Config for `port`, with `extra` TOML appended to the sections (it may add keys to `[storage]` by
-    /// starting with that header, etc.).
+    /// Config for `port`, with `extra` TOML appended. A section that `extra` has replaces the default one;
+    /// `{dir}` in `extra` stands for the daemon's scratch folder (images in `{dir}/images` stay where
+    /// [`Daemon::stored`] looks).
     pub fn config_text(port: u16, dir: &Path, client_id: &str, extra: &str) -> String {
         let has = |section: &str| extra.contains(&format!("[{section}]"));
         let mut text = String::new();
@@ -320,7 +355,7 @@ impl Daemon {
         if !has("storage") {
             text += &format!("[storage]\ndir = \"{}/images\"\n", dir.display());
         }
-        text + extra
+        text + &extra.replace("{dir}", &dir.display().to_string())
     }
 
     pub fn start(broker: &Broker) -> Daemon {
@@ -334,12 +369,32 @@ impl Daemon {
     }
 
     pub fn spawn(&mut self) {
+        self.launch(None);
+    }
+
+    /// Starts imaged through `sh -c 'umask NNN; exec imaged --config …'`, as a service manager with that
+    /// umask would. The guard's PID is imaged's own (exec).
+    pub fn spawn_with_umask(&mut self, umask: u32) {
+        self.launch(Some(umask));
+    }
+
+    fn launch(&mut self, umask: Option<u32>) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let child = Command::new(imaged_bin())
+        let mut cmd = match umask {
+            None => Command::new(imaged_bin()),
+            Some(umask) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c")
+                    .arg(format!("umask {umask:03o}; exec \"$0\" \"$@\""))
+                    .arg(imaged_bin());
+                sh
+            }
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .env_remove("NOTIFY_SOCKET")
@@ -598,29 +653,5 @@ impl Daemon {
             child: None,
             _scratch: scratch,
         }
-    }
-
-    /// Starts imaged through `sh -c 'umask NNN; exec imaged --config …'`, as a service manager with that
-    /// umask would. The guard's PID is imaged's own (exec).
-    pub fn spawn_with_umask(&mut self, umask: u32) {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .unwrap();
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("umask {umask:03o}; exec \"$0\" --config \"$1\""))
-            .arg(imaged_bin())
-            .arg(&self.config)
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("JOURNAL_STREAM")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start imaged through sh");
-        self.child = Some(child);
     }
 }

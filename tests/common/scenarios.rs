@@ -408,13 +408,10 @@ pub fn hostile_input(seed: u64, n_bad: usize, n_good: usize) -> Run {
     const MAX: usize = 50_000;
     let broker = Broker::start();
     let observer = Observer::start(broker.port, STORED);
-    let scratch_dir = scratch();
     let extra = format!(
-        "[topics]\nupload = \"image/upload/#\"\n[storage]\ndir = \"{}/images\"\nmax_image_bytes = {MAX}\n",
-        scratch_dir.path().display()
+        "[topics]\nupload = \"image/upload/#\"\n[storage]\ndir = \"{{dir}}/images\"\nmax_image_bytes = {MAX}\n"
     );
     let mut daemon = Daemon::start_with(broker.port, &extra, &[]);
-    daemon.images = scratch_dir.path().join("images");
     daemon.wait_ready();
     let mut good = images(seed, n_good, 1_000, 20_000);
     good.push(jpeg(seed ^ 0xABCD, MAX)); // exactly at the limit: an image
@@ -437,7 +434,7 @@ pub fn hostile_input(seed: u64, n_bad: usize, n_good: usize) -> Run {
         all.push(payload.clone());
         all_topics.push(UPLOAD.into());
     }
-    let outside_before = std::fs::read_dir(scratch_dir.path()).unwrap().count();
+    let outside_before = std::fs::read_dir(&daemon.dir).unwrap().count();
     let acked = publish_each(broker.port, &all_topics, &all, 32, Duration::from_secs(300));
     assert!(acked.iter().all(|a| *a), "the broker took every message");
     let good_acked = vec![true; good.len()];
@@ -456,7 +453,7 @@ pub fn hostile_input(seed: u64, n_bad: usize, n_good: usize) -> Run {
     }
     assert!(daemon.try_wait().is_none(), "imaged is still running");
     assert_eq!(
-        std::fs::read_dir(scratch_dir.path()).unwrap().count(),
+        std::fs::read_dir(&daemon.dir).unwrap().count(),
         outside_before,
         "nothing outside the store"
     );
@@ -500,13 +497,10 @@ pub fn memory_flood(seed: u64, rounds: usize, per_round: usize) -> (Run, u64, u6
     const INFLIGHT: usize = 16 * 1024 * 1024;
     let broker = Broker::start();
     let observer = Observer::start(broker.port, STORED);
-    let scratch_dir = scratch();
     let extra = format!(
-        "[storage]\ndir = \"{}/images\"\nmax_image_bytes = {MAX}\n[limits]\ninflight_bytes = {INFLIGHT}\n",
-        scratch_dir.path().display()
+        "[storage]\ndir = \"{{dir}}/images\"\nmax_image_bytes = {MAX}\n[limits]\ninflight_bytes = {INFLIGHT}\n"
     );
     let mut daemon = Daemon::start_with(broker.port, &extra, &[]);
-    daemon.images = scratch_dir.path().join("images");
     daemon.wait_ready();
     let mut all = Vec::new();
     let mut acked = Vec::new();
