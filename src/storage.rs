@@ -217,7 +217,19 @@ pub fn write_temp(dir: &Path, bytes: &[u8], mode: u32) -> Result<TempPath, PathE
     // Through the File, not the NamedTempFile, whose errors repeat the path we add ourselves.
     file.as_file_mut().write_all(bytes).at("write", &path)?;
     file.as_file().sync_data().at("fsync", &path)?;
+    drop_from_page_cache(file.as_file());
     Ok(file.into_temp_path())
+}
+
+/// Once written and fsynced, an image's pages are clean: letting the kernel drop them at once recycles them
+/// for the next image, which is much cheaper than page cache growing through fresh pages (measured: about a
+/// quarter less CPU per image at 1 MB and more). Readers then read the file from disk.
+fn drop_from_page_cache(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: advice only; the descriptor is open for the whole call.
+    unsafe {
+        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
 }
 
 /// What [`persist`] did.

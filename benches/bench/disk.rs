@@ -28,8 +28,8 @@ impl DiskResult {
     }
 }
 
-/// One image, durably, never replacing a file. `dontneed`: an experiment imaged does not do (yet): drop the
-/// file's pages from the page cache once they are on disk (see docs/BENCHMARKS.md, "Profile").
+/// One image, durably, never replacing a file, as imaged writes it. `dontneed`: drop the file's pages from the
+/// page cache once they are on disk, as imaged does (see docs/BENCHMARKS.md, "Profile").
 pub fn durable_write(dir: &Path, bytes: &[u8], name: &str, dontneed: bool) -> std::io::Result<()> {
     let mut file = tempfile::Builder::new()
         .prefix(".incoming-")
