@@ -2,12 +2,14 @@
 //!
 //! Threads, not async tasks, because every step here is a blocking syscall:
 //!
-//! * **writers** (`storage.writers` of them) hash a payload and write it to a temp file, fsynced, in
-//!   parallel;
-//! * the **committer** takes the written uploads in the order they arrived and commits them as a group: the
-//!   dedup check, one index write + fsync for the group, the renames, one folder fsync, and only then the
-//!   outcomes that let the session acknowledge. Acks therefore go out in receive order (as MQTT 3.1.1 asks),
-//!   and a group never waits for uploads that are still being written behind it.
+//! * **writers** (`storage.writers` of them) hash a payload, report the hash, then write it to a temp file,
+//!   fsynced, in parallel;
+//! * the **committer** takes the uploads in the order they arrived. As soon as an image's hash is known it
+//!   decides (a duplicate of a stored image, or the next free name) and makes the index records of the new
+//!   names durable with one write + fsync for all of them, while the writers are still writing. Once the
+//!   images at the front are written it renames them, fsyncs the folder once, and only then lets the session
+//!   acknowledge them. Acks therefore go out in receive order (as MQTT 3.1.1 asks), and a group never waits
+//!   for uploads still being written behind it.
 //!
 //! The committer also feeds republishes to the session, bounded in count and bytes; what does not fit in
 //! memory waits as an outbox entry in the index and is read back from the stored file when its turn comes.
@@ -49,10 +51,14 @@ pub struct Upload {
 #[derive(Debug)]
 pub enum Inbox {
     Upload(Upload),
+    /// A writer hashed upload `seq` and starts writing it.
+    Hashed {
+        seq: u64,
+        hash: Hash,
+    },
     /// A writer finished (or failed) writing upload `seq`.
     Written {
         seq: u64,
-        hash: Hash,
         result: Result<TempPath, PathError>,
     },
     /// The broker acknowledged the republish of this image.
@@ -129,6 +135,7 @@ impl Pipeline {
             jobs: job_tx,
             outcomes,
             slots: BTreeMap::new(),
+            deciding: HashMap::new(),
             names: Namer::images(),
             quarantine_names: Namer::quarantine(),
             images_dirty: false,
@@ -197,6 +204,13 @@ impl Writer {
             };
             self.beat.beat();
             let hash: Hash = Sha256::digest(&job.payload).into();
+            if self
+                .inbox
+                .send(Inbox::Hashed { seq: job.seq, hash })
+                .is_err()
+            {
+                return;
+            }
             let dir = if job.quarantine {
                 &self.quarantine_dir
             } else {
@@ -207,7 +221,6 @@ impl Writer {
                 .inbox
                 .send(Inbox::Written {
                     seq: job.seq,
-                    hash,
                     result,
                 })
                 .is_err()
@@ -218,48 +231,31 @@ impl Writer {
     }
 }
 
-/// Where one upload is on its way to being settled.
-enum State {
+/// What an upload is, decided when it arrives.
+enum Kind {
+    Image,
+    /// Not a JPEG: written into the quarantine folder.
+    Quarantine(Rejection),
+    /// Over the size limit: nothing is written.
+    Refused(Rejection),
+}
+
+/// Where an upload's bytes are on their way to the disk.
+enum Stage {
     /// Waiting for the disk to work again before it is written.
     Held,
     Writing,
-    /// Over the size limit: nothing is written.
-    Refused(Rejection),
-    Written {
-        hash: Hash,
-        temp: TempPath,
-    },
-    /// Not a JPEG: written, to be renamed into the quarantine folder.
-    ToQuarantine {
-        hash: Hash,
-        temp: TempPath,
-        why: Rejection,
-    },
-    /// Named; `recorded` once its index record is durable, which must come before the rename.
-    ToStore {
-        hash: Hash,
-        temp: TempPath,
-        name: String,
-        recorded: bool,
-    },
-    Stored {
-        hash: Hash,
-        name: String,
-    },
-    Duplicate {
-        name: String,
-    },
-    Quarantined {
-        name: String,
-        why: Rejection,
-    },
+    Temp(TempPath),
+    /// Under its final name (the folder is not fsynced yet).
+    Renamed,
 }
 
-impl State {
-    /// Whether the slot is past writing, so the commit can take it.
-    fn written(&self) -> bool {
-        !matches!(self, State::Held | State::Writing)
-    }
+/// What the commit does with an image, decided in arrival order once its hash is known.
+enum Decision {
+    /// The next free name; `recorded` once its index record is durable, which must come before the rename.
+    Store { name: String, recorded: bool },
+    /// The same content is already stored (or is being stored by an earlier upload).
+    Duplicate,
 }
 
 struct Slot {
@@ -269,7 +265,25 @@ struct Slot {
     topic: String,
     at: DateTime<Utc>,
     payload: Bytes,
-    state: State,
+    kind: Kind,
+    hash: Option<Hash>,
+    bytes: Stage,
+    decision: Option<Decision>,
+    quarantine_name: Option<String>,
+}
+
+impl Slot {
+    /// Whether the commit can take it: written and, for a new image, recorded. A duplicate need not wait
+    /// for its own copy, which is removed when its writer is done.
+    fn ready(&self) -> bool {
+        let written = matches!(self.bytes, Stage::Temp(_) | Stage::Renamed);
+        match (&self.kind, &self.decision) {
+            (Kind::Refused(_), _) | (Kind::Image, Some(Decision::Duplicate)) => true,
+            (Kind::Quarantine(_), _) => written,
+            (Kind::Image, Some(Decision::Store { recorded, .. })) => written && *recorded,
+            (Kind::Image, None) => false,
+        }
+    }
 }
 
 struct Republish {
@@ -292,6 +306,8 @@ struct Committer {
     jobs: mpsc::Sender<Job>,
     outcomes: UnboundedSender<Outcome>,
     slots: BTreeMap<u64, Slot>,
+    /// Names decided for images not yet settled, so an identical upload right behind is a duplicate.
+    deciding: HashMap<Hash, String>,
     names: Namer,
     quarantine_names: Namer,
     /// Renames done whose folder has not been fsynced yet.
@@ -351,21 +367,20 @@ impl Committer {
     fn handle(&mut self, msg: Inbox) -> bool {
         match msg {
             Inbox::Upload(upload) => self.accept(upload),
-            Inbox::Written { seq, hash, result } => {
+            Inbox::Hashed { seq, hash } => {
+                if let Some(slot) = self.slots.get_mut(&seq) {
+                    slot.hash = Some(hash);
+                }
+            }
+            Inbox::Written { seq, result } => {
+                // A duplicate may be settled before its writer is done: its copy is dropped (removed) here.
                 let Some(slot) = self.slots.get_mut(&seq) else {
                     return false;
                 };
                 match result {
-                    Ok(temp) => {
-                        slot.state =
-                            match storage::check_image(&slot.payload, self.settings.max_image_bytes)
-                            {
-                                Ok(()) => State::Written { hash, temp },
-                                Err(why) => State::ToQuarantine { hash, temp, why },
-                            }
-                    }
+                    Ok(temp) => slot.bytes = Stage::Temp(temp),
                     Err(e) => {
-                        slot.state = State::Held;
+                        slot.bytes = Stage::Held;
                         self.failed(e);
                     }
                 }
@@ -394,45 +409,54 @@ impl Committer {
     }
 
     fn accept(&mut self, upload: Upload) {
-        let state = match storage::check_image(&upload.payload, self.settings.max_image_bytes) {
-            Err(why @ Rejection::TooLarge { .. }) => State::Refused(why),
-            Ok(()) | Err(_) if self.trouble.is_some() => State::Held,
-            checked => {
-                let job = Job {
-                    seq: upload.seq,
-                    payload: upload.payload.clone(),
-                    quarantine: checked.is_err(),
-                };
-                let _ = self.jobs.send(job);
-                State::Writing
-            }
+        let kind = match storage::check_image(&upload.payload, self.settings.max_image_bytes) {
+            Ok(()) => Kind::Image,
+            Err(why @ Rejection::TooLarge { .. }) => Kind::Refused(why),
+            Err(why) => Kind::Quarantine(why),
         };
-        let slot = Slot {
+        let mut slot = Slot {
             gen: upload.gen,
             pkid: upload.pkid,
             qos: upload.qos,
             topic: upload.topic,
             at: upload.at,
             payload: upload.payload,
-            state,
+            kind,
+            hash: None,
+            bytes: Stage::Held,
+            decision: None,
+            quarantine_name: None,
         };
+        if self.trouble.is_none() {
+            self.write(upload.seq, &mut slot);
+        }
         self.slots.insert(upload.seq, slot);
+    }
+
+    /// Hands a slot to the writers (a refused one has nothing to write).
+    fn write(&self, seq: u64, slot: &mut Slot) {
+        let quarantine = match slot.kind {
+            Kind::Refused(_) => return,
+            Kind::Quarantine(_) => true,
+            Kind::Image => false,
+        };
+        let _ = self.jobs.send(Job {
+            seq,
+            payload: slot.payload.clone(),
+            quarantine,
+        });
+        slot.bytes = Stage::Writing;
     }
 
     /// After a disk failure's backoff: write the held uploads again.
     fn release_held(&mut self) {
-        for (&seq, slot) in self.slots.iter_mut() {
-            if matches!(slot.state, State::Held) {
-                let quarantine =
-                    storage::check_image(&slot.payload, self.settings.max_image_bytes).is_err();
-                let _ = self.jobs.send(Job {
-                    seq,
-                    payload: slot.payload.clone(),
-                    quarantine,
-                });
-                slot.state = State::Writing;
+        let mut slots = std::mem::take(&mut self.slots);
+        for (&seq, slot) in slots.iter_mut() {
+            if matches!(slot.bytes, Stage::Held) {
+                self.write(seq, slot);
             }
         }
+        self.slots = slots;
     }
 
     fn failed(&mut self, e: PathError) {
@@ -454,7 +478,7 @@ impl Committer {
     }
 
     fn commit_or_hold(&mut self) {
-        match self.commit() {
+        match self.decide().and_then(|()| self.commit()) {
             Ok(0) => {}
             Ok(_) => {
                 if let Some(trouble) = self.trouble.take() {
@@ -473,21 +497,77 @@ impl Committer {
         }
     }
 
-    /// Commits the longest run of written uploads at the front, as one group. Returns how many were settled.
-    /// On error the slots keep how far they got, and the next call goes on from there.
+    /// Decides, in arrival order, every image whose hash is known: a duplicate (of a stored image whose file
+    /// is still there, or of an earlier upload being stored) or the next free name. Then makes the index
+    /// records of the new names durable (one write + fsync), while their images are still being written.
+    fn decide(&mut self) -> Result<(), PathError> {
+        for slot in self.slots.values_mut() {
+            if !matches!(slot.kind, Kind::Image) || slot.decision.is_some() {
+                continue;
+            }
+            let Some(hash) = slot.hash else { break };
+            let stored = self
+                .index
+                .get(&hash)
+                .filter(|e| file_has_size(&self.settings.image_dir.join(&e.name), e.size));
+            slot.decision = Some(if self.deciding.contains_key(&hash) || stored.is_some() {
+                Decision::Duplicate
+            } else {
+                let name = self.names.next(slot.at);
+                self.deciding.insert(hash, name.clone());
+                Decision::Store {
+                    name,
+                    recorded: false,
+                }
+            });
+        }
+        self.record()
+    }
+
+    /// Makes the index records of decided but unrecorded names durable.
+    fn record(&mut self) -> Result<(), PathError> {
+        let records: Vec<(Hash, u64, String)> = self
+            .slots
+            .values()
+            .filter_map(|slot| match (&slot.decision, slot.hash) {
+                (
+                    Some(Decision::Store {
+                        name,
+                        recorded: false,
+                    }),
+                    Some(hash),
+                ) => Some((hash, slot.payload.len() as u64, name.clone())),
+                _ => None,
+            })
+            .collect();
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.index.record_stored(&records)?;
+        for slot in self.slots.values_mut() {
+            if let Some(Decision::Store { recorded, .. }) = &mut slot.decision {
+                *recorded = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the longest run of ready uploads at the front, as one group: renames, one fsync per folder,
+    /// then the outcomes. Returns how many were settled. On error the slots keep how far they got, and the
+    /// next call goes on from there.
     fn commit(&mut self) -> Result<usize, PathError> {
         let ready: Vec<u64> = self
             .slots
             .iter()
-            .take_while(|(_, s)| s.state.written())
+            .take_while(|(_, s)| s.ready())
             .map(|(&k, _)| k)
             .collect();
         if ready.is_empty() {
             return Ok(0);
         }
-        self.decide(&ready);
-        self.store(&ready)?;
-        self.quarantine(&ready)?;
+        for seq in &ready {
+            self.rename(*seq)?;
+        }
         if self.images_dirty {
             storage::sync_dir(&self.settings.image_dir)?;
             self.images_dirty = false;
@@ -503,140 +583,58 @@ impl Committer {
         Ok(ready.len())
     }
 
-    /// Dedup and naming: a written image whose content is already stored (in the index with its file still
-    /// there, or earlier in this group) is a duplicate; the others get the next free name.
-    fn decide(&mut self, ready: &[u64]) {
-        let mut in_group: HashMap<Hash, String> = HashMap::new();
-        for seq in ready {
-            let slot = self.slots.get_mut(seq).expect("ready slots exist");
-            match std::mem::replace(&mut slot.state, State::Writing) {
-                State::Written { hash, temp } => {
-                    let known = in_group.get(&hash).cloned().or_else(|| {
-                        self.index
-                            .get(&hash)
-                            .filter(|e| {
-                                file_has_size(&self.settings.image_dir.join(&e.name), e.size)
-                            })
-                            .map(|e| e.name.clone())
-                    });
-                    slot.state = match known {
-                        Some(name) => State::Duplicate { name }, // dropping `temp` removes the copy
-                        None => {
-                            let name = self.names.next(slot.at);
-                            in_group.insert(hash, name.clone());
-                            State::ToStore {
-                                hash,
-                                temp,
-                                name,
-                                recorded: false,
-                            }
-                        }
-                    };
-                }
-                state => {
-                    if let State::ToStore { hash, name, .. } | State::Stored { hash, name } = &state
-                    {
-                        in_group.insert(*hash, name.clone());
-                    }
-                    slot.state = state;
-                }
-            }
-        }
-    }
-
-    /// Index records first (one fsync for the group), then the renames. A taken name gets a new one, and
-    /// a new record, before its rename.
-    fn store(&mut self, ready: &[u64]) -> Result<(), PathError> {
+    /// Renames a written image or quarantined payload to its final name, never replacing a file: a taken
+    /// name gets the next one (an image's with a new durable index record first).
+    fn rename(&mut self, seq: u64) -> Result<(), PathError> {
+        let slot = self.slots.get_mut(&seq).expect("ready slots exist");
+        let Stage::Temp(_) = slot.bytes else {
+            return Ok(());
+        };
+        let Stage::Temp(mut temp) = std::mem::replace(&mut slot.bytes, Stage::Held) else {
+            unreachable!()
+        };
         loop {
-            let records: Vec<(Hash, u64, String)> = ready
-                .iter()
-                .filter_map(|seq| match &self.slots[seq].state {
-                    State::ToStore {
-                        hash,
-                        temp: _,
-                        name,
-                        recorded: false,
-                    } => Some((*hash, self.slots[seq].payload.len() as u64, name.clone())),
-                    _ => None,
-                })
-                .collect();
-            if records.is_empty() {
-                return Ok(());
-            }
-            self.index.record_stored(&records)?;
-            for seq in ready {
-                let slot = self.slots.get_mut(seq).expect("ready slots exist");
-                if let State::ToStore { recorded, .. } = &mut slot.state {
-                    *recorded = true;
+            let slot = self.slots.get_mut(&seq).expect("ready slots exist");
+            let (dir, name) = match (&slot.kind, &slot.decision) {
+                (Kind::Image, Some(Decision::Store { name, .. })) => {
+                    (&self.settings.image_dir, name.clone())
                 }
-            }
-            for seq in ready {
-                let slot = self.slots.get_mut(seq).expect("ready slots exist");
-                if !matches!(slot.state, State::ToStore { recorded: true, .. }) {
-                    continue;
+                (Kind::Quarantine(_), _) => {
+                    let name = self.quarantine_names.next(slot.at);
+                    slot.quarantine_name = Some(name.clone());
+                    (&self.settings.quarantine_dir, name)
                 }
-                let State::ToStore {
-                    hash, temp, name, ..
-                } = std::mem::replace(&mut slot.state, State::Writing)
-                else {
-                    unreachable!()
-                };
-                match storage::persist(temp, &self.settings.image_dir, &name) {
-                    Ok(Persisted::Done) => {
-                        self.images_dirty = true;
-                        slot.state = State::Stored { hash, name };
-                    }
-                    Ok(Persisted::Taken(temp)) => {
-                        let name = self.names.next(slot.at);
-                        slot.state = State::ToStore {
-                            hash,
-                            temp,
-                            name,
-                            recorded: false,
-                        };
-                    }
-                    Err(e) => {
-                        // The temp file is gone with the error; write the image again.
-                        slot.state = State::Held;
-                        return Err(e);
-                    }
-                }
-            }
-        }
-    }
-
-    fn quarantine(&mut self, ready: &[u64]) -> Result<(), PathError> {
-        for seq in ready {
-            let slot = self.slots.get_mut(seq).expect("ready slots exist");
-            if !matches!(slot.state, State::ToQuarantine { .. }) {
-                continue;
-            }
-            let State::ToQuarantine {
-                hash,
-                mut temp,
-                why,
-            } = std::mem::replace(&mut slot.state, State::Writing)
-            else {
-                unreachable!()
+                _ => return Ok(()), // a duplicate: its copy goes with `temp`
             };
-            loop {
-                let name = self.quarantine_names.next(slot.at);
-                match storage::persist(temp, &self.settings.quarantine_dir, &name) {
-                    Ok(Persisted::Done) => {
-                        self.quarantine_dirty = true;
-                        slot.state = State::Quarantined { name, why };
-                        break;
+            // On an error the temp file is gone: the slot stays Held and is written again.
+            match storage::persist(temp, dir, &name)? {
+                Persisted::Done => {
+                    slot.bytes = Stage::Renamed;
+                    match slot.kind {
+                        Kind::Image => self.images_dirty = true,
+                        _ => self.quarantine_dirty = true,
                     }
-                    Ok(Persisted::Taken(t)) => temp = t,
-                    Err(e) => {
-                        slot.state = State::Held;
-                        return Err(e);
+                    return Ok(());
+                }
+                Persisted::Taken(back) => {
+                    temp = back;
+                    if let (Kind::Image, Some(hash)) = (&slot.kind, slot.hash) {
+                        let name = self.names.next(slot.at);
+                        // Like the first name's, the new name's record is durable before its rename.
+                        self.index.record_stored(&[(
+                            hash,
+                            slot.payload.len() as u64,
+                            name.clone(),
+                        )])?;
+                        self.deciding.insert(hash, name.clone());
+                        slot.decision = Some(Decision::Store {
+                            name,
+                            recorded: true,
+                        });
                     }
                 }
             }
-            debug!(sha256 = %hex(&hash), "quarantined");
         }
-        Ok(())
     }
 
     /// Logs the outcome of one upload, queues its republish, and lets the session acknowledge it.
@@ -644,9 +642,10 @@ impl Committer {
         let stats = &self.health.stats;
         let bytes = slot.payload.len();
         let topic = crate::config::topic_for_log(&slot.topic);
-        match slot.state {
-            State::Stored { hash, name } => {
-                let path = self.settings.image_dir.join(&name);
+        match (&slot.kind, &slot.decision, slot.hash) {
+            (Kind::Image, Some(Decision::Store { name, .. }), Some(hash)) => {
+                self.deciding.remove(&hash);
+                let path = self.settings.image_dir.join(name);
                 info!(
                     path = %path.display(), bytes, sha256 = %hex(&hash), topic = %topic,
                     "Image saved: {}", path.display()
@@ -664,36 +663,34 @@ impl Committer {
                 let payload = fits.then(|| slot.payload.clone());
                 self.republish.push_back(Republish {
                     hash,
-                    name,
+                    name: name.clone(),
                     payload,
                 });
             }
-            State::Duplicate { name } => {
-                let path = self.settings.image_dir.join(&name);
+            (Kind::Image, _, hash) => {
+                let name = hash
+                    .and_then(|h| self.index.get(&h))
+                    .map(|e| e.name.clone())
+                    .unwrap_or_default();
+                let path = self.settings.image_dir.join(name);
                 info!(
                     path = %path.display(), bytes, topic = %topic,
                     "Image already stored as {}; not stored again", path.display()
                 );
                 Stats::count(&stats.duplicates);
             }
-            State::Quarantined { name, why } => {
-                let path = self.settings.quarantine_dir.join(&name);
+            (Kind::Quarantine(why), _, _) => {
+                let name = slot.quarantine_name.as_deref().unwrap_or_default();
+                let path = self.settings.quarantine_dir.join(name);
                 warn!(
                     path = %path.display(), bytes, topic = %topic, reason = %why,
                     "Image rejected from topic '{}': {why}; kept as {}", topic, path.display()
                 );
                 Stats::count(&stats.rejected);
             }
-            State::Refused(why) => {
+            (Kind::Refused(why), _, _) => {
                 warn!(bytes, topic = %topic, reason = %why, "Image refused from topic '{}': {why}", topic);
                 Stats::count(&stats.rejected);
-            }
-            State::Held
-            | State::Writing
-            | State::Written { .. }
-            | State::ToQuarantine { .. }
-            | State::ToStore { .. } => {
-                unreachable!("only settled slots are committed")
             }
         }
         let _ = self.outcomes.send(Outcome::Settled {
