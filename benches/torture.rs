@@ -3,7 +3,8 @@
 //! docs/RELIABILITY.md. Exits non-zero when any image was lost, duplicated or partial.
 //!
 //! Options: `--faults N` (default 1000), `--images N` (default 100000), `--minutes N` (default 50),
-//! `--only imaged|broker|network|disk|sigstop|hostile` (one kind, no memory flood).
+//! `--only imaged|broker|network|disk|sigstop|hostile` (one kind, no memory flood), `--round N` (start with
+//! round N's seeds, to run one again).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -27,13 +28,18 @@ fn main() {
     let budget = Duration::from_secs(arg("--minutes", 50) * 60);
     let start = Instant::now();
     let mut runs: Vec<Run> = Vec::new();
+    // Hostile payloads are counted in their own row, not toward the fault target: the target is met by kills,
+    // cuts, stalls, full disks and stops alone.
     let totals = |runs: &[Run]| {
-        (
-            runs.iter().map(|r| r.faults).sum::<usize>(),
-            runs.iter().map(|r| r.ledger.sent).sum::<usize>(),
-        )
+        let faults = runs
+            .iter()
+            .filter(|r| r.kind != "hostile input")
+            .map(|r| r.faults)
+            .sum::<usize>();
+        (faults, runs.iter().map(|r| r.ledger.sent).sum::<usize>())
     };
-    let mut round = 0u64;
+    // `--round N` starts at round N: its seeds, so that one round can be run again.
+    let mut round = arg("--round", 1) - 1;
     println!(
         "torture: until {want_faults} faults over {want_images} images, at most {} min",
         budget.as_secs() / 60

@@ -47,11 +47,11 @@ pub fn connect(
         Role::Daemon { inflight } => {
             options.set_clean_session(false);
             options.set_manual_acks(true);
-            options.set_inflight(inflight.max(1));
+            options.set_inflight(packet_id_space(inflight));
         }
         Role::Sender { inflight } => {
             options.set_clean_session(true);
-            options.set_inflight(inflight.max(1));
+            options.set_inflight(packet_id_space(inflight));
         }
         Role::Receiver { persistent } => {
             options.set_clean_session(!persistent);
@@ -73,6 +73,16 @@ pub fn connect(
     network.set_connection_timeout(broker.connect_timeout_secs);
     eventloop.set_network_options(network);
     Ok((client, eventloop))
+}
+
+/// rumqttc's "inflight" for up to `window` publishes waiting for their PUBACK. rumqttc hands out packet ids
+/// from 1 up to its inflight setting and wraps; a new id still in use is a "collision", and rumqttc keeps
+/// only one colliding publish aside: a second one replaces it, and that publish is gone without a trace
+/// (found by the broker-kill fault test, where retransmissions after each reconnect keep old ids in use).
+/// Our own window bounds what is in flight, so rumqttc gets 16 times as many ids, and the ids cannot wrap
+/// onto one still in use.
+pub fn packet_id_space(window: u16) -> u16 {
+    (window.max(1) as u32 * 16).clamp(1024, u16::MAX as u32) as u16
 }
 
 /// The password: from `password_file`, else from the systemd credential `mqtt-password`
@@ -458,6 +468,13 @@ fn utc(time: &UnixTime) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn packet_ids_outnumber_the_window_many_times() {
+        assert_eq!(super::packet_id_space(32), 1024);
+        assert_eq!(super::packet_id_space(272), 4352);
+        assert_eq!(super::packet_id_space(u16::MAX), u16::MAX);
+    }
+
     use super::*;
     use rustls::{AlertDescription, CertificateError, Error as R, OtherError};
 

@@ -410,6 +410,12 @@ impl Session {
                     "new session"
                 };
                 info!(broker = %self.settings.broker, "Connected to {} ({session})", self.settings.broker);
+                debug!(
+                    "republishes: {} waiting for a packet id, {} for their PUBACK, {} not sent yet",
+                    self.unnumbered.len(),
+                    self.by_pkid.len(),
+                    self.to_send.len()
+                );
                 self.last_problem = None;
                 if !ack.session_present {
                     // rumqttc dropped the republishes it still had; send them again.
@@ -449,22 +455,32 @@ impl Session {
             }
             Ok(Event::Incoming(Incoming::Publish(publish))) => self.received(publish)?,
             Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                if let Some((hash, name)) = self.by_pkid.remove(&ack.pkid) {
-                    info!(
-                        name = %name, topic = %self.settings.stored,
-                        "Image re-published on topic '{}'", self.settings.stored
-                    );
-                    Stats::count(&self.health.stats.republished);
-                    self.to_pipeline(Inbox::Confirmed(hash))?;
-                }
+                let Some((hash, name)) = self.by_pkid.remove(&ack.pkid) else {
+                    debug!(pkid = ack.pkid, "a PUBACK for no republish waiting for one");
+                    return Ok(());
+                };
+                info!(
+                    name = %name, topic = %self.settings.stored,
+                    "Image re-published on topic '{}'", self.settings.stored
+                );
+                Stats::count(&self.health.stats.republished);
+                self.to_pipeline(Inbox::Confirmed(hash))?;
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                 // A packet id already waiting for its PUBACK is a retransmission; a new one is the oldest
                 // republish still in the channel.
                 if !self.by_pkid.contains_key(&pkid) {
-                    if let Some(item) = self.unnumbered.pop_front() {
-                        self.by_pkid.insert(pkid, item);
+                    match self.unnumbered.pop_front() {
+                        Some(item) => {
+                            self.by_pkid.insert(pkid, item);
+                        }
+                        None => debug!(
+                            pkid,
+                            "a publish went out that is no republish waiting for a packet id"
+                        ),
                     }
+                } else {
+                    debug!(pkid, "republish sent again");
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => self.disconnected = true,

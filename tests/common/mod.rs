@@ -355,6 +355,12 @@ impl Daemon {
         if !has("storage") {
             text += &format!("[storage]\ndir = \"{}/images\"\n", dir.display());
         }
+        // IMAGED_TEST_LOG=debug: a more talkative daemon, for a look at a failing scenario.
+        if let Ok(level) = std::env::var("IMAGED_TEST_LOG") {
+            if !has("log") {
+                text += &format!("[log]\nlevel = \"{level}\"\n");
+            }
+        }
         text + &extra.replace("{dir}", &dir.display().to_string())
     }
 
