@@ -55,6 +55,9 @@ async fn serve(config: Config) -> ExitCode {
         Ok(pair) => pair,
         Err((key, message)) => return cli::config_error(&config.error(&key, message)),
     };
+    for warning in broker::local_broker_warnings(&config.broker.host) {
+        warn!("{warning}");
+    }
     let (index, recovery) = match open_storage(&config) {
         Ok(opened) => opened,
         Err(e) => {

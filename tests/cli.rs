@@ -44,7 +44,7 @@ fn the_shipped_config_is_valid() {
 
 #[test]
 fn check_config_names_the_file_line_and_key_and_exits_78() {
-    let (code, text) = check("[broker]\nhost = \"x\"\nprot = 1883\n");
+    let (code, text) = check("[broker]\nhost = \"x\"\nprot = 8883\n");
     assert_eq!(code, Some(78));
     assert!(
         text.contains("config error: FILE:3: broker.prot: unknown field `prot`"),
