@@ -80,7 +80,7 @@ pub const MOSQUITTO_CONF: &str = "/etc/mosquitto/mosquitto.conf";
 
 /// What a local Mosquitto's configuration will do to imaged's images, in words, when it can be read: imaged
 /// cannot ask a broker for its settings over MQTT, but on the same host it can read them.
-pub fn local_broker_warnings(host: &str) -> Vec<String> {
+pub fn local_broker_warnings(host: &str, port: u16) -> Vec<String> {
     if !matches!(host, "localhost" | "127.0.0.1" | "::1") {
         return Vec::new();
     }
@@ -103,7 +103,24 @@ pub fn local_broker_warnings(host: &str) -> Vec<String> {
             }
         }
     }
-    mosquitto_warnings(&text)
+    // Only for the broker that configuration is about: one listening on our port (Mosquitto's own default is 1883).
+    let mut ports = text.lines().filter_map(|l| {
+        l.trim()
+            .strip_prefix("listener ")?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    });
+    let ours = match ports.clone().next() {
+        Some(_) => ports.any(|p: u16| p == port),
+        None => port == 1883,
+    };
+    if ours {
+        mosquitto_warnings(&text)
+    } else {
+        Vec::new()
+    }
 }
 
 /// The warnings for a Mosquitto configuration (its files concatenated); the last setting of a key counts.

@@ -55,7 +55,7 @@ async fn serve(config: Config) -> ExitCode {
         Ok(pair) => pair,
         Err((key, message)) => return cli::config_error(&config.error(&key, message)),
     };
-    for warning in broker::local_broker_warnings(&config.broker.host) {
+    for warning in broker::local_broker_warnings(&config.broker.host, config.broker.port) {
         warn!("{warning}");
     }
     let (index, recovery) = match open_storage(&config) {
