@@ -2,7 +2,6 @@
 //! came out. `tests/faults.rs` runs each at CI size and asserts a clean ledger; `benches/torture.rs` runs them
 //! at scale and prints the table for docs/RELIABILITY.md.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -541,58 +540,54 @@ pub fn memory_flood(seed: u64, rounds: usize, per_round: usize) -> (Run, u64, u6
 
 /// The summary table of several runs.
 pub fn table(runs: &[Run]) -> String {
-    let mut out = String::from(
-        "| fault | injected | images sent | acked | stored | lost | duplicated | partial |\n\
-         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
-    );
-    let mut by_kind: Vec<(&str, Run)> = Vec::new();
-    for run in runs {
-        match by_kind.iter_mut().find(|(k, _)| *k == run.kind) {
-            Some((_, total)) => {
-                total.faults += run.faults;
-                let (t, l) = (&mut total.ledger, &run.ledger);
-                t.sent += l.sent;
-                t.acked += l.acked;
-                t.stored += l.stored;
-                t.lost.extend(l.lost.iter().cloned());
-                t.duplicated += l.duplicated;
-                t.partial += l.partial;
-            }
-            None => by_kind.push((run.kind, run.clone())),
-        }
-    }
-    let mut totals = Ledger::default();
-    let mut faults = 0;
-    for (kind, run) in &by_kind {
+    let row = |kind: &str, run: &Run| {
         let l = &run.ledger;
-        out += &format!(
-            "| {kind} | {} | {} | {} | {} | {} | {} | {} |\n",
+        let cells = [
             run.faults,
             l.sent,
             l.acked,
             l.stored,
             l.lost.len(),
             l.duplicated,
-            l.partial
-        );
-        faults += run.faults;
-        totals.sent += l.sent;
-        totals.acked += l.acked;
-        totals.stored += l.stored;
-        totals.lost.extend(l.lost.iter().cloned());
-        totals.duplicated += l.duplicated;
-        totals.partial += l.partial;
+            l.partial,
+        ];
+        format!(
+            "| {kind} | {} |\n",
+            cells.map(|c| c.to_string()).join(" | ")
+        )
+    };
+    let mut by_kind: Vec<Run> = Vec::new();
+    let mut all = Run {
+        kind: "**all**",
+        faults: 0,
+        ledger: Ledger::default(),
+    };
+    for run in runs {
+        match by_kind.iter_mut().find(|k| k.kind == run.kind) {
+            Some(total) => total.add(run),
+            None => by_kind.push(run.clone()),
+        }
+        all.add(run);
     }
-    out += &format!(
-        "| **all** | **{faults}** | **{}** | **{}** | **{}** | **{}** | **{}** | **{}** |\n",
-        totals.sent,
-        totals.acked,
-        totals.stored,
-        totals.lost.len(),
-        totals.duplicated,
-        totals.partial
+    let mut out = String::from(
+        "| fault | injected | images sent | acked | stored | lost | duplicated | partial |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
-    out
+    for run in &by_kind {
+        out += &row(run.kind, run);
+    }
+    out + &row(all.kind, &all)
 }
 
-pub type Seen = HashMap<Hash, usize>;
+impl Run {
+    fn add(&mut self, other: &Run) {
+        self.faults += other.faults;
+        let (t, l) = (&mut self.ledger, &other.ledger);
+        t.sent += l.sent;
+        t.acked += l.acked;
+        t.stored += l.stored;
+        t.lost.extend(l.lost.iter().cloned());
+        t.duplicated += l.duplicated;
+        t.partial += l.partial;
+    }
+}
