@@ -130,21 +130,24 @@ async fn serve(config: Config) -> ExitCode {
     }
 }
 
-/// Gives memory freed by stored images back to the operating system every second while images arrive (and
-/// once more when they stop), so RSS follows the live images rather than the heap's high-water mark. (A low
-/// mmap threshold would do it at every free, but costs a page fault per page of every image: about a fifth
-/// more CPU for large images.)
+/// Gives memory freed by finished images back to the operating system every second while images are
+/// stored, republished or rejected (and once more when that stops), so RSS follows the live images rather
+/// than the heap's high-water mark. A republish frees its payload only at the broker's PUBACK, often after
+/// the last image was stored, so the republishes count too. (A low mmap threshold would do it at every
+/// free, but costs a page fault per page of every image: about a fifth more CPU for large images.)
 async fn trim_memory(health: Arc<Health>) {
-    let mut trimmed_at = 0;
+    let finished = || {
+        let s = &health.stats;
+        [&s.stored, &s.duplicates, &s.rejected, &s.republished]
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    let mut trimmed_at = finished();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let last = health
-            .stats
-            .last_image_ms
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if last != trimmed_at {
-            trimmed_at = last;
+        let now = finished();
+        if now != trimmed_at {
+            trimmed_at = now;
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             // SAFETY: malloc_trim only returns free heap pages to the kernel.
             unsafe {

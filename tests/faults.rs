@@ -55,10 +55,12 @@ fn memory_stays_within_the_documented_bound_under_a_flood_of_the_largest_images(
         peak <= bound,
         "peak RSS {peak} over the documented bound {bound}"
     );
-    // Each figure is taken a few idle seconds after a round: nothing may pile up from round to round.
-    let (first, last) = (after_round[0], after_round[after_round.len() - 1]);
+    // Each figure is taken a few idle seconds after a round: nothing may pile up from round to round. The
+    // first round warms up the allocator's per-thread arenas, so the comparison starts after it; the MQTT
+    // client's read and write buffers keep their last size (up to an image each), hence two images and a bit.
+    let (first, last) = (after_round[1], after_round[after_round.len() - 1]);
     assert!(
-        last <= first + 8 * 1024 * 1024,
+        last <= first + 10 * 1024 * 1024,
         "RSS grows from round to round: {after_round:?}"
     );
     assert!(

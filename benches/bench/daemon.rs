@@ -240,7 +240,7 @@ pub fn check_files(dir: &Path, gen: &Gen, sent: u64) -> FileCheck {
     c
 }
 
-/// README, "Memory": `RSS <= 2 x limits.inflight_bytes + 8 x storage.max_image_bytes + 32 MiB`, from the
+/// README, "Memory": `RSS <= 2 x limits.inflight_bytes + 10 x storage.max_image_bytes + 32 MiB`, from the
 /// config the bench runs imaged with; and the same formula with `image` in place of the largest image allowed
 /// (what a flood of `image`-byte images can reach).
 pub fn memory_bound(config: &Config, image: usize) -> (u64, u64) {
@@ -248,7 +248,7 @@ pub fn memory_bound(config: &Config, image: usize) -> (u64, u64) {
     let max = config.storage.max_image_bytes as u64;
     let constant = 32u64 << 20;
     (
-        2 * ib + 8 * max + constant,
-        2 * ib + 8 * image as u64 + constant,
+        2 * ib + 10 * max + constant,
+        2 * ib + 10 * image as u64 + constant,
     )
 }

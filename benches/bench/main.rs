@@ -801,7 +801,7 @@ fn bench(args: Args) -> Result<bool, String> {
     let summaries = report::summarize(&measures);
     let mut bounds = BTreeMap::new();
     let mut bound_text = String::from(
-        "Memory bound (README, \"Memory\"): RSS <= 2 x limits.inflight_bytes + 8 x storage.max_image_bytes + 32 MiB",
+        "Memory bound (README, \"Memory\"): RSS <= 2 x limits.inflight_bytes + 10 x storage.max_image_bytes + 32 MiB",
     );
     for &size in &sizes {
         let (documented, at_size) = daemon::memory_bound(&ctx.config, size);
