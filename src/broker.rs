@@ -104,17 +104,21 @@ pub fn local_broker_warnings(host: &str, port: u16) -> Vec<String> {
         }
     }
     // Only for the broker that configuration is about: one listening on our port (Mosquitto's own default is 1883).
-    let mut ports = text.lines().filter_map(|l| {
-        l.trim()
-            .strip_prefix("listener ")?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    });
-    let ours = match ports.clone().next() {
-        Some(_) => ports.any(|p: u16| p == port),
-        None => port == 1883,
+    let ports: Vec<u16> = text
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("listener ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let ours = if ports.is_empty() {
+        port == 1883
+    } else {
+        ports.contains(&port)
     };
     if ours {
         mosquitto_warnings(&text)
@@ -151,11 +155,11 @@ pub fn mosquitto_warnings(conf: &str) -> Vec<String> {
              imaged; set persistence true in {MOSQUITTO_CONF}"
         ));
     }
-    if number("max_inflight_messages", 20) != 0 && number("max_inflight_messages", 20) < 100 {
+    let inflight = number("max_inflight_messages", 20);
+    if inflight != 0 && inflight < 100 {
         warnings.push(format!(
-            "the local Mosquitto hands imaged at most {} unacknowledged uploads at once (max_inflight_messages), \
-             which limits how many images imaged stores in parallel: set max_inflight_messages 100 or more",
-            number("max_inflight_messages", 20)
+            "the local Mosquitto hands imaged at most {inflight} unacknowledged uploads at once (max_inflight_messages), \
+             which limits how many images imaged stores in parallel: set max_inflight_messages 100 or more"
         ));
     }
     if settings.get("set_tcp_nodelay").is_none_or(|v| *v != "true") {

@@ -15,7 +15,7 @@
 //! memory waits as an outbox entry in the index and is read back from the stored file when its turn comes.
 //! When the disk fails, uploads are held (not acknowledged) and retried with backoff; the broker keeps them.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
@@ -135,7 +135,7 @@ impl Pipeline {
             jobs: job_tx,
             outcomes,
             slots: BTreeMap::new(),
-            deciding: HashMap::new(),
+            deciding: HashSet::new(),
             names: Namer::images(),
             quarantine_names: Namer::quarantine(),
             images_dirty: false,
@@ -306,8 +306,8 @@ struct Committer {
     jobs: mpsc::Sender<Job>,
     outcomes: UnboundedSender<Outcome>,
     slots: BTreeMap<u64, Slot>,
-    /// Names decided for images not yet settled, so an identical upload right behind is a duplicate.
-    deciding: HashMap<Hash, String>,
+    /// Images named but not yet settled, so an identical upload right behind is a duplicate.
+    deciding: HashSet<Hash>,
     names: Namer,
     quarantine_names: Namer,
     /// Renames done whose folder has not been fsynced yet.
@@ -428,19 +428,19 @@ impl Committer {
             quarantine_name: None,
         };
         if self.trouble.is_none() {
-            self.write(upload.seq, &mut slot);
+            Self::write(&self.jobs, upload.seq, &mut slot);
         }
         self.slots.insert(upload.seq, slot);
     }
 
     /// Hands a slot to the writers (a refused one has nothing to write).
-    fn write(&self, seq: u64, slot: &mut Slot) {
+    fn write(jobs: &mpsc::Sender<Job>, seq: u64, slot: &mut Slot) {
         let quarantine = match slot.kind {
             Kind::Refused(_) => return,
             Kind::Quarantine(_) => true,
             Kind::Image => false,
         };
-        let _ = self.jobs.send(Job {
+        let _ = jobs.send(Job {
             seq,
             payload: slot.payload.clone(),
             quarantine,
@@ -450,13 +450,11 @@ impl Committer {
 
     /// After a disk failure's backoff: write the held uploads again.
     fn release_held(&mut self) {
-        let mut slots = std::mem::take(&mut self.slots);
-        for (&seq, slot) in slots.iter_mut() {
+        for (&seq, slot) in self.slots.iter_mut() {
             if matches!(slot.bytes, Stage::Held) {
-                self.write(seq, slot);
+                Self::write(&self.jobs, seq, slot);
             }
         }
-        self.slots = slots;
     }
 
     fn failed(&mut self, e: PathError) {
@@ -510,11 +508,11 @@ impl Committer {
                 .index
                 .get(&hash)
                 .filter(|e| file_has_size(&self.settings.image_dir.join(&e.name), e.size));
-            slot.decision = Some(if self.deciding.contains_key(&hash) || stored.is_some() {
+            slot.decision = Some(if self.deciding.contains(&hash) || stored.is_some() {
                 Decision::Duplicate
             } else {
                 let name = self.names.next(slot.at);
-                self.deciding.insert(hash, name.clone());
+                self.deciding.insert(hash);
                 Decision::Store {
                     name,
                     recorded: false,
@@ -626,7 +624,7 @@ impl Committer {
                             slot.payload.len() as u64,
                             name.clone(),
                         )])?;
-                        self.deciding.insert(hash, name.clone());
+                        self.deciding.insert(hash);
                         slot.decision = Some(Decision::Store {
                             name,
                             recorded: true,
