@@ -41,10 +41,6 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
-
-    pub fn failures(&self) -> u32 {
-        self.attempt
-    }
 }
 
 /// The delay after `attempt` earlier failures: `min * 2^attempt` capped at `max`, then scaled into

@@ -1,15 +1,11 @@
-//! The command line: one definition for parsing, the man page and the shell completions.
+//! The command line: one definition for parsing, the man page and the shell completions. What each
+//! command does is in [`crate::daemon`] and [`crate::tools`]; `main` dispatches.
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, ConfigError, DEFAULT_PATH};
-
-/// Exit code for a configuration error (sysexits' EX_CONFIG); systemd does not restart on it
-/// (RestartPreventExitStatus=78 in the unit).
-pub const EXIT_CONFIG: u8 = 78;
+use crate::config::{Config, LogLevel};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +20,10 @@ pub struct Cli {
     /// Config file [default: /etc/imaged.toml]
     #[arg(long, short = 'c', global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// Log level (error, warn, info, debug, trace) [default: RUST_LOG, else log.level from the config]
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = LogLevel::parse)]
+    pub log_level: Option<LogLevel>,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -57,6 +57,18 @@ pub struct Target {
     /// Topic [default: from the config's [topics], else image/upload or image/stored]
     #[arg(long, short = 't', value_name = "TOPIC")]
     pub topic: Option<String>,
+}
+
+impl Target {
+    /// Applies `--host` and `--port` over the config's broker.
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(host) = &self.host {
+            config.broker.host = host.clone();
+        }
+        if let Some(port) = self.port {
+            config.broker.port = port;
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -97,47 +109,4 @@ pub struct ReceiveArgs {
     /// delivered at its next start
     #[arg(long, value_name = "ID")]
     pub client_id: Option<String>,
-}
-
-/// Parses the command line and runs what it asks for.
-pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        None => match load(cli.config.as_deref(), true) {
-            Ok(config) => {
-                crate::logging::init(config.log_level());
-                crate::daemon::run(config)
-            }
-            Err(e) => config_error(&e),
-        },
-        Some(Command::CheckConfig) => crate::check_config::run(cli.config.as_deref()),
-        Some(Command::Send(args)) => match load(cli.config.as_deref(), false) {
-            Ok(config) => crate::send::run(config, args),
-            Err(e) => config_error(&e),
-        },
-        Some(Command::Receive(args)) => match load(cli.config.as_deref(), false) {
-            Ok(config) => crate::receive::run(config, args),
-            Err(e) => config_error(&e),
-        },
-        Some(Command::GenerateAssets { dir }) => crate::assets::run(&dir),
-    }
-}
-
-/// Loads the config. The tools may run without one: a missing default file means built-in defaults.
-pub fn load(path: Option<&std::path::Path>, required: bool) -> Result<Config, ConfigError> {
-    match path {
-        Some(path) => Config::load(path),
-        None if required || std::path::Path::new(DEFAULT_PATH).exists() => {
-            Config::load(DEFAULT_PATH.as_ref())
-        }
-        None => Config::parse("", DEFAULT_PATH.as_ref()).map(|mut c| {
-            c.path = PathBuf::from("(built-in defaults)");
-            c
-        }),
-    }
-}
-
-pub fn config_error(e: &ConfigError) -> ExitCode {
-    eprintln!("imaged: config error: {e}");
-    ExitCode::from(EXIT_CONFIG)
 }

@@ -7,40 +7,42 @@
 //! # Data flow
 //!
 //! ```text
-//!  broker ──PUBLISH──▶ session ──Upload──▶ pipeline: writers (hash, temp file, fsync)
-//!    ▲                   │  ▲                   │
-//!    │                   │  └──Settled──────────┤ committer: dedup, index fsync, rename, dir fsync
-//!    └──PUBACK───────────┘  └──Republish────────┘        (in arrival order, one group at a time)
-//!    └──PUBLISH image/stored ◀─ session ──PUBACK──▶ committer: outbox entry done
+//!  broker ──PUBLISH──▶ daemon::session ──Upload──▶ daemon::pipeline: writers (hash, temp file, fsync)
+//!    ▲                   │  ▲                           │
+//!    │                   │  └──Settled──────────────────┤ committer: dedup, index fsync, rename, dir fsync
+//!    └──PUBACK───────────┘  └──Republish────────────────┘        (in arrival order, one group at a time)
+//!    └──PUBLISH image/stored ◀─ session ──PUBACK──▶ committer: outbox entry done (daemon::index)
 //! ```
 //!
 //! # Modules
 //!
-//! * [`config`]: the TOML file, its defaults and validation; errors name the file and `section.key`.
-//! * [`storage`]: names, the JPEG check, the atomic never-replacing durable write.
-//! * [`index`]: the append-only log that is both the dedup index and the republish outbox.
-//! * [`pipeline`]: writer threads and the committer that settles uploads in order.
-//! * [`session`]: the MQTT connection: reconnects, acks per connection, republishes.
-//! * [`broker`]: MQTT options, credentials and TLS shared by the daemon and the tools.
-//! * [`health`]: signs of life and counters; [`systemd`]: READY, STATUS, WATCHDOG, STOPPING.
-//! * [`backoff`], [`shutdown`], [`logging`]: retry delays, the stop signal, where log lines go.
-//! * [`daemon`], [`send`], [`receive`], [`check_config`], [`assets`]: one file per subcommand, and
-//!   [`cli`], which parses the command line and dispatches.
+//! The parts, each a folder:
+//! * [`daemon`]: the service. `session` owns the broker connection; `pipeline` writes and settles uploads
+//!   (writer threads and one committer); `index` is the append-only log that is both the dedup index and
+//!   the republish outbox; `health` and `systemd` are signs of life, counters, READY, STATUS and the
+//!   watchdog; `shutdown` is the stop signal.
+//! * [`mqtt`]: client code shared by the daemon and the tools: connect options, credentials, TLS, the event
+//!   loop as a backing-off stream, the [`mqtt::PublishWindow`], connection errors in words, and the check of
+//!   a local Mosquitto's settings.
+//! * [`tools`]: `imaged send`, `imaged receive`, `imaged check-config` and `generate-assets`.
+//!
+//! Shared by all of them, at the top:
+//! * [`config`]: the TOML file, its defaults and its validation; errors name the file and `section.key`.
+//! * [`storage`]: names, the JPEG check, the atomic never-replacing durable write; errors name the path.
+//! * [`topic`]: MQTT topic rules. [`backoff`]: retry delays. [`logging`]: where log lines go, and how many.
+//! * [`cli`]: the command line's definition; [`exit`]: the exit codes. `main` dispatches and maps each
+//!   command's error to its exit code.
+//!
+//! Imports go one way: `cli` and the tools use `config`; the daemon and the tools use `mqtt` and `storage`;
+//! nothing at the top uses a part.
 
-pub mod assets;
-pub mod backoff;
-pub mod broker;
-pub mod check_config;
+mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod health;
-pub mod index;
+pub mod exit;
 pub mod logging;
-pub mod pipeline;
-pub mod receive;
-pub mod send;
-pub mod session;
-pub mod shutdown;
-pub mod storage;
-pub mod systemd;
+pub mod mqtt;
+mod storage;
+pub mod tools;
+mod topic;

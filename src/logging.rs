@@ -1,5 +1,6 @@
-//! Where log lines go: straight to journald with structured fields when stderr is the journal, readable text
-//! on stderr otherwise (colour only on a terminal).
+//! Where log lines go, for every command: straight to journald with structured fields when stderr is the
+//! journal, readable text on stderr otherwise (colour only on a terminal). And how much: `--log-level` over
+//! `RUST_LOG` over `log.level`.
 
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
@@ -7,6 +8,36 @@ use std::os::unix::fs::MetadataExt;
 
 use tracing::Level;
 use tracing_subscriber::prelude::*;
+
+use crate::config::LogLevel;
+
+/// The level to log at: the command line's, else `RUST_LOG`'s, else the config's. `RUST_LOG` is read as a
+/// plain level or as `imaged=LEVEL` among other crates' directives (only imaged's own lines are logged);
+/// anything else in it is ignored, and the second value says why.
+pub fn level(
+    flag: Option<LogLevel>,
+    rust_log: Option<&str>,
+    configured: LogLevel,
+) -> (LogLevel, Option<String>) {
+    if let Some(level) = flag {
+        return (level, None);
+    }
+    let Some(text) = rust_log.map(str::trim).filter(|t| !t.is_empty()) else {
+        return (configured, None);
+    };
+    let ours = text
+        .split(',')
+        .find_map(|directive| match directive.split_once('=') {
+            Some((target, level)) if target.trim() == "imaged" => Some(level),
+            Some(_) => None,
+            None => Some(directive),
+        });
+    match ours.map(LogLevel::parse) {
+        Some(Ok(level)) => (level, None),
+        Some(Err(why)) => (configured, Some(format!("RUST_LOG ignored: {why}"))),
+        None => (configured, None),
+    }
+}
 
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(level: Level) {
@@ -50,4 +81,33 @@ fn stderr_is_journal() -> bool {
         return false;
     };
     dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: LogLevel = LogLevel(Level::INFO);
+    const DEBUG: LogLevel = LogLevel(Level::DEBUG);
+    const WARN: LogLevel = LogLevel(Level::WARN);
+
+    #[test]
+    fn the_command_line_beats_rust_log_which_beats_the_config() {
+        assert_eq!(level(Some(WARN), Some("debug"), INFO), (WARN, None));
+        assert_eq!(level(None, Some("debug"), INFO), (DEBUG, None));
+        assert_eq!(level(None, None, WARN), (WARN, None));
+        assert_eq!(level(None, Some(""), WARN), (WARN, None));
+    }
+
+    #[test]
+    fn rust_log_directives_for_imaged_are_read_and_others_are_ignored() {
+        assert_eq!(
+            level(None, Some("rumqttc=trace,imaged=debug"), INFO),
+            (DEBUG, None)
+        );
+        assert_eq!(level(None, Some("rumqttc=trace"), INFO), (INFO, None));
+        let (kept, why) = level(None, Some("loud"), INFO);
+        assert_eq!(kept, INFO);
+        assert!(why.unwrap().contains("RUST_LOG ignored"));
+    }
 }

@@ -1,3 +1,68 @@
-fn main() -> std::process::ExitCode {
-    imaged::cli::main()
+//! The `imaged` command: parse the command line, load the config, start logging, run the command, and turn
+//! what went wrong into one message and an exit status ([`imaged::exit::Exit`] names them).
+
+use std::fmt::Display;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use imaged::cli::{Cli, Command};
+use imaged::config::{Config, ConfigError, LogLevel, DEFAULT_PATH};
+use imaged::exit::Exit;
+use imaged::{daemon, logging, tools};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = cli.config.as_deref();
+    let required = || Config::load(path.unwrap_or(Path::new(DEFAULT_PATH)));
+    let result = match cli.command {
+        // The daemon logs its failure, so that the journal has it with its priority.
+        None => start(required(), cli.log_level).and_then(|config| {
+            daemon::run(config).map_err(|e| {
+                tracing::error!("{e}");
+                e.exit()
+            })
+        }),
+        Some(Command::CheckConfig) => start(required(), cli.log_level)
+            .and_then(|config| tools::check_config::run(&config).map_err(config_error)),
+        Some(Command::Send(args)) => {
+            start(Config::load_or_defaults(path), cli.log_level).and_then(|config| {
+                tools::send::run(config, args).map_err(|e| report("imaged send", &e, e.exit()))
+            })
+        }
+        Some(Command::Receive(args)) => start(Config::load_or_defaults(path), cli.log_level)
+            .and_then(|config| {
+                tools::receive::run(config, args)
+                    .map_err(|e| report("imaged receive", &e, e.exit()))
+            }),
+        Some(Command::GenerateAssets { dir }) => {
+            tools::assets::run(&dir).map_err(|e| report("imaged", e, Exit::Failure))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(exit) => exit.into(),
+    }
+}
+
+/// The config, and logging started at the level the command line, `RUST_LOG` or the config ask for.
+fn start(config: Result<Config, ConfigError>, flag: Option<LogLevel>) -> Result<Config, Exit> {
+    let config = config.map_err(config_error)?;
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (level, ignored) = logging::level(flag, rust_log.as_deref(), config.log.level);
+    logging::init(level.0);
+    if let Some(why) = ignored {
+        tracing::warn!("{why}");
+    }
+    Ok(config)
+}
+
+fn config_error(e: ConfigError) -> Exit {
+    report("imaged", format!("config error: {e}"), Exit::Config)
+}
+
+fn report(who: &str, e: impl Display, exit: Exit) -> Exit {
+    eprintln!("{who}: {e}");
+    exit
 }

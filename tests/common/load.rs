@@ -10,8 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{FutureExt, StreamExt};
-use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing, QoS};
+use futures_util::StreamExt;
+use imaged::mqtt::PublishWindow;
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Outgoing};
 
 use super::{hashes_in, sha, Hash};
 
@@ -54,34 +55,26 @@ async fn publish(
     let mut options = MqttOptions::new(format!("load-{}", fastrand::u64(..)), "127.0.0.1", port);
     options.set_max_packet_size(64 << 20, 64 << 20);
     options.set_keep_alive(Duration::from_secs(5));
-    options.set_inflight(imaged::broker::packet_id_space(window as u16));
+    options.set_inflight(imaged::mqtt::packet_id_space(window as u16));
     let (client, eventloop) = AsyncClient::new(options, 64);
-    let mut events = imaged::session::events(eventloop, 64 << 20);
+    let mut events = imaged::mqtt::events(eventloop, 64 << 20);
     let mut acked = vec![false; images.len()];
     let mut queue: VecDeque<usize> = (0..images.len()).collect();
-    let mut unnumbered: VecDeque<usize> = VecDeque::new();
-    let mut by_pkid: HashMap<u16, usize> = HashMap::new();
+    let mut inflight = PublishWindow::new(window);
     let mut connected = false;
     let start = Instant::now();
     let payloads: Vec<bytes::Bytes> = images
         .iter()
         .map(|i| bytes::Bytes::copy_from_slice(i))
         .collect();
-    while (!queue.is_empty() || !unnumbered.is_empty() || !by_pkid.is_empty())
-        && start.elapsed() < deadline
-    {
-        while connected && unnumbered.len() + by_pkid.len() < window {
-            let Some(&i) = queue.front() else { break };
-            let topic = topics[i].clone();
-            match client
-                .publish_bytes(topic, QoS::AtLeastOnce, false, payloads[i].clone())
-                .now_or_never()
-            {
-                Some(Ok(())) => {
-                    queue.pop_front();
-                    unnumbered.push_back(i);
+    while (!queue.is_empty() || !inflight.is_empty()) && start.elapsed() < deadline {
+        if connected {
+            while let Some(i) = queue.pop_front() {
+                let payload = payloads[i].clone();
+                if let Err(i) = inflight.try_publish(&client, &topics[i], false, payload, i) {
+                    queue.push_front(i);
+                    break;
                 }
-                _ => break,
             }
         }
         let next = tokio::time::timeout(Duration::from_millis(200), events.next()).await;
@@ -90,23 +83,15 @@ async fn publish(
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                 connected = true;
                 // Clean session: what was not acknowledged is gone; publish it again.
-                let lost: Vec<usize> = unnumbered
-                    .drain(..)
-                    .chain(by_pkid.drain().map(|(_, i)| i))
-                    .collect();
-                for i in lost.into_iter().rev() {
+                for i in inflight.take_all().into_iter().rev() {
                     queue.push_front(i);
                 }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if let std::collections::hash_map::Entry::Vacant(slot) = by_pkid.entry(pkid) {
-                    if let Some(i) = unnumbered.pop_front() {
-                        slot.insert(i);
-                    }
-                }
+                inflight.numbered(pkid);
             }
             Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                if let Some(i) = by_pkid.remove(&ack.pkid) {
+                if let Some(i) = inflight.acked(ack.pkid) {
                     acked[i] = true;
                 }
             }

@@ -1,40 +1,67 @@
 //! The daemon: opens the storage, starts the pipeline and the MQTT session, reports to systemd, and stops
 //! cleanly on SIGTERM.
+//!
+//! [`session`] owns the broker connection and hands uploads to the [`pipeline`], whose threads write them
+//! and settle them against the [`index`]; [`health`] holds what the parts share about themselves, which
+//! [`systemd`] turns into READY, STATUS and watchdog pings; [`shutdown`] is the stop signal.
 
-use std::process::ExitCode;
+mod health;
+mod index;
+mod pipeline;
+mod session;
+mod shutdown;
+mod systemd;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::broker::{self, Role};
-use crate::config::Config;
-use crate::health::Health;
-use crate::index::{Index, Recovery};
-use crate::pipeline::{self, Pipeline};
-use crate::session::{self, Session};
+use crate::config::{Config, ConfigError};
+use crate::exit::Exit;
+use crate::mqtt::{self, Role};
 use crate::storage::{self, PathError};
-use crate::{cli, shutdown, systemd};
+use health::Health;
+use index::{Index, Recovery};
+use pipeline::Pipeline;
+use session::{PipelineStopped, Session};
 
 /// Mode of the folders imaged creates: the service's group may read, nobody else.
 const DIR_MODE: u32 = 0o750;
 
-pub fn run(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config error: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("Storage cannot be used: {0}")]
+    Storage(#[from] PathError),
+    #[error("Stopping on an internal error: {0}")]
+    Internal(#[from] PipelineStopped),
+}
+
+impl Error {
+    pub fn exit(&self) -> Exit {
+        match self {
+            Error::Config(_) => Exit::Config,
+            _ => Exit::Failure,
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<(), Error> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+        .map_err(Error::Runtime)?;
     runtime.block_on(serve(config))
 }
 
-async fn serve(config: Config) -> ExitCode {
-    let broker_name = format!("{}:{}", config.broker.host, config.broker.port);
+async fn serve(config: Config) -> Result<(), Error> {
+    let broker_name = config.broker_name();
     info!(
         "imaged {} starting: broker {broker_name} as '{}', uploads '{}', storage {}",
         env!("CARGO_PKG_VERSION"),
@@ -44,27 +71,19 @@ async fn serve(config: Config) -> ExitCode {
     );
     let limits = &config.limits;
     let inflight = limits.inflight_images.min(u16::MAX as usize - 16) as u16;
-    let (client, eventloop) = match broker::connect(
+    let (client, eventloop) = mqtt::connect(
         &config.broker,
         config.client_id(),
         config.max_packet_bytes(),
         Role::Daemon {
             inflight: inflight + 16,
         },
-    ) {
-        Ok(pair) => pair,
-        Err((key, message)) => return cli::config_error(&config.error(&key, message)),
-    };
-    for warning in broker::local_broker_warnings(&config.broker.host, config.broker.port) {
+    )
+    .map_err(|e| config.error(e))?;
+    for warning in mqtt::local_broker_warnings(&config.broker.host, config.broker.port) {
         warn!("{warning}");
     }
-    let (index, recovery) = match open_storage(&config) {
-        Ok(opened) => opened,
-        Err(e) => {
-            error!("Storage cannot be used: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let (index, recovery) = open_storage(&config)?;
     log_recovery(&recovery);
 
     let health = Arc::new(Health::default());
@@ -72,7 +91,7 @@ async fn serve(config: Config) -> ExitCode {
     let settings = pipeline::Settings {
         image_dir: config.storage.dir.clone(),
         quarantine_dir: config.quarantine_dir(),
-        file_mode: config.file_mode(),
+        file_mode: config.storage.file_mode.0,
         max_image_bytes: config.storage.max_image_bytes,
         writers: config.storage.writers,
         republish_images: inflight as usize,
@@ -118,16 +137,9 @@ async fn serve(config: Config) -> ExitCode {
     {
         warn!("the storage threads did not stop within 5s; exiting without them");
     }
-    match result {
-        Ok(()) => {
-            info!("Stopped");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            error!("Stopping on an internal error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    result?;
+    info!("Stopped");
+    Ok(())
 }
 
 /// Gives memory freed by finished images back to the operating system every second while images are
@@ -172,7 +184,7 @@ fn open_storage(config: &Config) -> Result<(Index, Recovery), PathError> {
             info!("Removed {removed} unfinished temp files from {} (writes cut short, never acknowledged)", dir.display());
         }
         // Writable now, or say so before READY.
-        drop(storage::write_temp(dir, b"", config.file_mode())?);
+        drop(storage::write_temp(dir, b"", config.storage.file_mode.0)?);
     }
     Index::open(&state, images, config.storage.dedup_window)
 }

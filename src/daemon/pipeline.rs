@@ -30,9 +30,9 @@ use tempfile::TempPath;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
+use super::health::{Beat, Health, Stats};
+use super::index::{Hash, Index};
 use crate::backoff::Backoff;
-use crate::health::{Beat, Health, Stats};
-use crate::index::{Hash, Index};
 use crate::storage::{self, hex, Namer, PathError, Persisted, Rejection};
 
 /// An upload as the session hands it over. `gen` names the broker connection it came on.
@@ -639,7 +639,7 @@ impl Committer {
     fn settle(&mut self, slot: Slot) {
         let stats = &self.health.stats;
         let bytes = slot.payload.len();
-        let topic = crate::config::topic_for_log(&slot.topic);
+        let topic = crate::topic::topic_for_log(&slot.topic);
         match (&slot.kind, &slot.decision, slot.hash) {
             (Kind::Image, Some(Decision::Store { name, .. }), Some(hash)) => {
                 self.deciding.remove(&hash);
@@ -651,7 +651,7 @@ impl Committer {
                 Stats::count(&stats.stored);
                 stats
                     .last_image_ms
-                    .store(crate::systemd::unix_ms(), Ordering::Relaxed);
+                    .store(super::systemd::unix_ms(), Ordering::Relaxed);
                 // Queued and outstanding republishes share one memory budget; beyond it, the outbox on disk.
                 let fits = self.queued_bytes + self.outstanding_bytes + bytes
                     <= self.settings.republish_bytes;

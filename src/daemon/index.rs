@@ -203,7 +203,6 @@ pub struct Recovery {
     pub dropped: Vec<String>,
     /// Stored images whose republish was never confirmed, oldest first.
     pub unconfirmed: Vec<(Hash, String)>,
-    pub compacted: bool,
 }
 
 impl Index {
@@ -274,7 +273,6 @@ impl Index {
             || !recovery.dropped.is_empty()
         {
             index.compact()?;
-            recovery.compacted = true;
         }
         Ok((index, recovery))
     }
@@ -283,12 +281,9 @@ impl Index {
         self.entries.get(hash)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 
     /// Makes `Stored` records durable (one write, one fsync), then remembers them. On error nothing is

@@ -1,37 +1,48 @@
 //! `imaged send`: publish JPEG files on the upload topic with QoS 1, and say whether the broker took them.
 //!
 //! Up to `--window` publishes wait for their PUBACK at once. One task owns the connection (as in the daemon):
-//! it reads the next file, publishes it without ever blocking on rumqttc's channel, and matches PUBACKs to
-//! files through the `Outgoing::Publish` packet ids. When the connection drops, everything not yet
-//! acknowledged is published again after the reconnect, so exit 0 means every file was acknowledged.
+//! it reads the next file, publishes it through the [`PublishWindow`] without ever blocking on rumqttc's
+//! channel, and matches PUBACKs to files. When the connection drops, everything not yet acknowledged is
+//! published again after the reconnect, so exit 0 means every file was acknowledged.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use rumqttc::{Event, Incoming, Outgoing, QoS};
+use rumqttc::{Event, Incoming, Outgoing};
 
-use crate::broker::{self, Role};
-use crate::cli::{config_error, SendArgs, Target};
-use crate::config::{self, Config};
-use crate::session::{describe, events};
+use crate::cli::SendArgs;
+use crate::config::{Config, ConfigError};
+use crate::exit::Exit;
+use crate::mqtt::{self, PublishWindow, Role};
 use crate::storage;
+use crate::topic::check_topic_name;
 
 /// How long a connection that was up may stay down before `send` gives up on what is left.
 const RECONNECT_PATIENCE: Duration = Duration::from_secs(60);
 
-/// Applies `--host` and `--port` over the config's broker.
-pub fn apply_target(config: &mut Config, target: &Target) {
-    if let Some(host) = &target.host {
-        config.broker.host = host.clone();
-    }
-    if let Some(port) = target.port {
-        config.broker.port = port;
+/// Why `imaged send` did not send everything.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config error: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0} files were not sent (see above)")]
+    NotSent(u64),
+}
+
+impl Error {
+    pub fn exit(&self) -> Exit {
+        match self {
+            Error::Config(_) => Exit::Config,
+            Error::Usage(_) => Exit::Usage,
+            Error::NotSent(_) => Exit::Failure,
+        }
     }
 }
 
@@ -39,69 +50,67 @@ pub fn apply_target(config: &mut Config, target: &Target) {
 /// `image/upload`, so that is where a plain sender publishes.
 pub fn publish_topic(filter: &str) -> Result<String, String> {
     let topic = filter.strip_suffix("/#").unwrap_or(filter);
-    config::check_topic_name(topic)
+    check_topic_name(topic)
         .map(|()| topic.to_string())
         .map_err(|why| format!("cannot publish on {filter:?} ({why}); give a topic with --topic"))
 }
 
-pub fn run(mut config: Config, args: SendArgs) -> ExitCode {
-    apply_target(&mut config, &args.target);
-    let topic = match args
-        .target
-        .topic
-        .clone()
-        .map(Ok)
-        .unwrap_or_else(|| publish_topic(&config.topics.upload))
-    {
-        Ok(topic) => topic,
-        Err(e) => {
-            eprintln!("imaged send: {e}");
-            return ExitCode::from(2);
+pub fn run(mut config: Config, args: SendArgs) -> Result<(), Error> {
+    args.target.apply(&mut config);
+    let topic = match &args.target.topic {
+        Some(topic) => {
+            check_topic_name(topic)
+                .map_err(|why| Error::Usage(format!("--topic {topic:?}: {why}")))?;
+            topic.clone()
         }
+        None => publish_topic(&config.topics.upload).map_err(Error::Usage)?,
     };
-    if let Err(why) = config::check_topic_name(&topic) {
-        eprintln!("imaged send: --topic {topic:?}: {why}");
-        return ExitCode::from(2);
-    }
+    let window = args.window.max(1);
     let client_id = format!("imaged-send-{}", fastrand::u64(..));
-    let (client, eventloop) = match broker::connect(
+    let (client, eventloop) = mqtt::connect(
         &config.broker,
         &client_id,
         config.max_packet_bytes(),
-        Role::Sender {
-            inflight: args.window.max(1),
-        },
-    ) {
-        Ok(pair) => pair,
-        Err((key, message)) => return config_error(&config.error(&key, message)),
-    };
+        Role::Sender { inflight: window },
+    )
+    .map_err(|e| config.error(e))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime starts");
     let sender = Sender {
-        client: Some(client),
+        client,
         topic,
-        broker: format!("{}:{}", config.broker.host, config.broker.port),
+        broker: config.broker_name(),
         max_bytes: config.storage.max_image_bytes,
-        window: args.window.max(1) as usize,
-        ..Sender::default()
+        queue: VecDeque::new(),
+        window: PublishWindow::new(window as usize),
+        connected: false,
+        ever_connected: false,
+        down_since: None,
+        last_problem: None,
+        sent: 0,
+        sent_bytes: 0,
+        failed: 0,
+        verbose: false,
+        progress: None,
     };
-    runtime.block_on(sender.run(eventloop, config.max_packet_bytes(), args))
+    match runtime.block_on(sender.run(eventloop, config.max_packet_bytes(), args)) {
+        0 => Ok(()),
+        failed => Err(Error::NotSent(failed)),
+    }
 }
 
-#[derive(Default)]
+/// What `send` has to do and has done. Only its own task touches it.
 struct Sender {
-    client: Option<rumqttc::AsyncClient>,
+    client: rumqttc::AsyncClient,
     topic: String,
     broker: String,
     max_bytes: usize,
-    window: usize,
     /// Files to publish, in order; a file comes back to the front when its publish was lost.
     queue: VecDeque<PathBuf>,
-    /// Publishes in rumqttc's channel waiting for a packet id, and on the wire waiting for the PUBACK.
-    unnumbered: VecDeque<(PathBuf, usize)>,
-    by_pkid: HashMap<u16, (PathBuf, usize)>,
+    /// Publishes not yet acknowledged: the file and its size.
+    window: PublishWindow<(PathBuf, usize)>,
     connected: bool,
     ever_connected: bool,
     down_since: Option<Instant>,
@@ -114,69 +123,84 @@ struct Sender {
     progress: Option<ProgressBar>,
 }
 
+/// When the files are sent again: once, every `interval` for `rounds`, or as they appear in a folder.
+struct Schedule {
+    files: Vec<PathBuf>,
+    rounds: u64,
+    round: u64,
+    interval: Option<Duration>,
+    next_round: Instant,
+    watcher: Option<Watcher>,
+}
+
+impl Schedule {
+    fn new(args: &SendArgs, files: Vec<PathBuf>) -> Schedule {
+        Schedule {
+            files,
+            rounds: match (args.interval, args.repeat) {
+                (Some(_), Some(n)) => n,
+                (Some(_), None) => u64::MAX,
+                (None, _) => 1,
+            },
+            round: 0,
+            interval: args.interval.map(Duration::from_secs_f64),
+            next_round: Instant::now(),
+            watcher: args.watch.as_deref().map(Watcher::new),
+        }
+    }
+
+    /// The files of the next round when it is due.
+    fn due(&mut self, stopping: bool) -> Option<&[PathBuf]> {
+        if self.watcher.is_some() || stopping || self.round >= self.rounds {
+            return None;
+        }
+        if Instant::now() < self.next_round {
+            return None;
+        }
+        self.round += 1;
+        self.next_round = Instant::now() + self.interval.unwrap_or_default();
+        Some(&self.files)
+    }
+
+    /// Whether anything may still come: more rounds, or a folder to watch.
+    fn more(&self, stopping: bool) -> bool {
+        !stopping && (self.watcher.is_some() || self.round < self.rounds)
+    }
+}
+
 impl Sender {
+    /// Sends everything the arguments ask for; returns how many files were not sent.
     async fn run(
         mut self,
         eventloop: rumqttc::EventLoop,
         max_packet: usize,
         args: SendArgs,
-    ) -> ExitCode {
-        let mut events = events(eventloop, max_packet);
+    ) -> u64 {
+        let mut events = mqtt::events(eventloop, max_packet);
         let files = expand(&args.files, &mut self.failed);
-        let rounds = match (args.interval, args.repeat) {
-            (Some(_), Some(n)) => n,
-            (Some(_), None) => u64::MAX,
-            (None, _) => 1,
-        };
-        let interval = args.interval.map(Duration::from_secs_f64);
-        self.verbose = files.len() == 1 || interval.is_some() || args.watch.is_some();
-        let started = Instant::now();
-        let mut round = 0;
-        let mut next_round = Instant::now();
-        let mut watcher = args.watch.as_ref().map(|dir| Watcher::new(dir));
+        let mut schedule = Schedule::new(&args, files);
+        self.verbose =
+            schedule.files.len() == 1 || schedule.interval.is_some() || schedule.watcher.is_some();
         if !self.verbose && std::io::stderr().is_terminal() {
-            let bar = ProgressBar::new(files.len() as u64);
-            bar.set_style(
-                ProgressStyle::with_template("{bar:40} {pos}/{len} images, {msg} {elapsed}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            self.progress = Some(bar);
+            self.progress = Some(progress_bar(schedule.files.len()));
         }
+        let started = Instant::now();
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         let mut stop = false;
         loop {
-            if watcher.is_none()
-                && self.queue.is_empty()
-                && round < rounds
-                && Instant::now() >= next_round
-                && !stop
-            {
-                round += 1;
-                self.queue.extend(files.iter().cloned());
-                next_round = Instant::now() + interval.unwrap_or_default();
+            if self.queue.is_empty() {
+                if let Some(files) = schedule.due(stop) {
+                    self.queue.extend(files.iter().cloned());
+                }
             }
             self.fill();
-            let idle =
-                self.queue.is_empty() && self.unnumbered.is_empty() && self.by_pkid.is_empty();
-            let more_rounds = round < rounds && !stop && watcher.is_none();
-            if idle && !more_rounds && (watcher.is_none() || stop) {
+            if self.queue.is_empty() && self.window.is_empty() && !schedule.more(stop) {
                 break;
             }
-            if let Some(down) = self.down_since {
-                // The first connection gets no second try: an unreachable broker is an error, not a wait.
-                if !self.ever_connected || down.elapsed() > RECONNECT_PATIENCE {
-                    let left = self.queue.len() + self.unnumbered.len() + self.by_pkid.len();
-                    eprintln!(
-                        "imaged send: giving up: {}; {left} images not acknowledged",
-                        self.last_problem
-                            .as_deref()
-                            .unwrap_or("no connection to the broker")
-                    );
-                    self.failed += left as u64;
-                    break;
-                }
+            if self.gave_up() {
+                break;
             }
             tokio::select! {
                 Some((event, _retry)) = events.next() => self.event(event),
@@ -186,10 +210,8 @@ impl Sender {
                     self.queue.clear();
                 }
                 _ = tick.tick() => {
-                    if let Some(w) = watcher.as_mut() {
-                        if !stop {
-                            self.queue.extend(w.complete_files());
-                        }
+                    if let (Some(w), false) = (schedule.watcher.as_mut(), stop) {
+                        self.queue.extend(w.complete_files());
                     }
                 }
             }
@@ -197,35 +219,40 @@ impl Sender {
         if let Some(bar) = self.progress.take() {
             bar.finish_and_clear();
         }
-        let secs = started.elapsed().as_secs_f64();
         println!(
-            "sent {} images, {} bytes, in {secs:.2} s",
-            self.sent, self.sent_bytes
+            "sent {} images, {} bytes, in {:.2} s",
+            self.sent,
+            self.sent_bytes,
+            started.elapsed().as_secs_f64()
         );
-        if let Some(client) = &self.client {
-            let _ = client.try_disconnect();
+        let _ = self.client.try_disconnect();
+        self.failed
+    }
+
+    /// Whether the broker has been away too long; the first connection gets no second try: an unreachable
+    /// broker is an error, not a wait.
+    fn gave_up(&mut self) -> bool {
+        let Some(down) = self.down_since else {
+            return false;
+        };
+        if self.ever_connected && down.elapsed() <= RECONNECT_PATIENCE {
+            return false;
         }
-        if self.failed > 0 {
-            eprintln!(
-                "imaged send: {} files were not sent (see above)",
-                self.failed
-            );
-            ExitCode::FAILURE
-        } else {
-            ExitCode::SUCCESS
-        }
+        let left = self.queue.len() + self.window.len();
+        eprintln!(
+            "imaged send: giving up: {}; {left} images not acknowledged",
+            self.last_problem
+                .as_deref()
+                .unwrap_or("no connection to the broker")
+        );
+        self.failed += left as u64;
+        true
     }
 
     /// Publishes the next files while the window and rumqttc's channel have room.
     fn fill(&mut self) {
-        if !self.connected {
-            return;
-        }
-        let Some(client) = self.client.clone() else {
-            return;
-        };
-        while self.unnumbered.len() + self.by_pkid.len() < self.window {
-            let Some(path) = self.queue.front().cloned() else {
+        while self.connected && self.window.has_room() {
+            let Some(path) = self.queue.pop_front() else {
                 return;
             };
             let payload = match read_image(&path, self.max_bytes) {
@@ -233,21 +260,16 @@ impl Sender {
                 Err(e) => {
                     eprintln!("imaged send: {e}");
                     self.failed += 1;
-                    self.queue.pop_front();
                     continue;
                 }
             };
             let len = payload.len();
-            // Only this task drives the event loop, so a send not done at the first poll never happened.
-            match client
-                .publish_bytes(self.topic.clone(), QoS::AtLeastOnce, false, payload)
-                .now_or_never()
+            if let Err((path, _)) =
+                self.window
+                    .try_publish(&self.client, &self.topic, false, payload, (path, len))
             {
-                Some(Ok(())) => {
-                    self.queue.pop_front();
-                    self.unnumbered.push_back((path, len));
-                }
-                _ => return,
+                self.queue.push_front(path);
+                return;
             }
         }
     }
@@ -260,45 +282,23 @@ impl Sender {
                 self.down_since = None;
                 self.last_problem = None;
                 // A clean session: whatever was not acknowledged is gone from the broker and from rumqttc.
-                let lost: Vec<PathBuf> = self
-                    .unnumbered
-                    .drain(..)
-                    .chain(self.by_pkid.drain().map(|(_, v)| v))
-                    .map(|(p, _)| p)
-                    .collect();
-                for path in lost.into_iter().rev() {
+                for (path, _) in self.window.take_all().into_iter().rev() {
                     self.queue.push_front(path);
                 }
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if !self.by_pkid.contains_key(&pkid) {
-                    if let Some(item) = self.unnumbered.pop_front() {
-                        self.by_pkid.insert(pkid, item);
-                    }
-                }
+                self.window.numbered(pkid);
             }
             Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                if let Some((path, len)) = self.by_pkid.remove(&ack.pkid) {
-                    self.sent += 1;
-                    self.sent_bytes += len as u64;
-                    if self.verbose {
-                        println!(
-                            "Image sent: {} ({len} bytes) on topic '{}'",
-                            path.display(),
-                            self.topic
-                        );
-                    }
-                    if let Some(bar) = &self.progress {
-                        bar.inc(1);
-                        bar.set_message(format!("{} MB", self.sent_bytes / 1_000_000));
-                    }
+                if let Some((path, len)) = self.window.acked(ack.pkid) {
+                    self.acknowledged(&path, len);
                 }
             }
             Ok(_) => {}
             Err(e) => {
                 self.connected = false;
                 self.down_since.get_or_insert_with(Instant::now);
-                let problem = describe(&e, &self.broker);
+                let problem = mqtt::describe(&e, &self.broker);
                 if self.last_problem.as_deref() != Some(&problem) {
                     eprintln!("imaged send: {problem}");
                     self.last_problem = Some(problem);
@@ -306,6 +306,31 @@ impl Sender {
             }
         }
     }
+
+    fn acknowledged(&mut self, path: &Path, len: usize) {
+        self.sent += 1;
+        self.sent_bytes += len as u64;
+        if self.verbose {
+            println!(
+                "Image sent: {} ({len} bytes) on topic '{}'",
+                path.display(),
+                self.topic
+            );
+        }
+        if let Some(bar) = &self.progress {
+            bar.inc(1);
+            bar.set_message(format!("{} MB", self.sent_bytes / 1_000_000));
+        }
+    }
+}
+
+fn progress_bar(files: usize) -> ProgressBar {
+    let bar = ProgressBar::new(files as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} images, {msg} {elapsed}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
 }
 
 /// The files to send: each argument, or the files of a folder argument (sorted, hidden ones skipped).

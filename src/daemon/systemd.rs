@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sd_notify::NotifyState;
 
-use crate::health::{Health, Stats};
+use super::health::{Health, Stats};
 
 fn notify(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {

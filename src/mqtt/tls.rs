@@ -1,271 +1,39 @@
-//! How imaged and its tools connect to the broker: MQTT options, credentials and TLS from the `[broker]`
-//! section, shared by the daemon, `imaged send` and `imaged receive`.
+//! TLS to the broker with rustls: the client configuration from `[broker.tls]`, and what a TLS failure means
+//! in words a user can act on.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, ConnectionError, EventLoop, MqttOptions, StateError, TlsConfiguration, TlsError,
-    Transport,
-};
+use rumqttc::{ConnectionError, StateError, TlsError};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use tracing::warn;
 
-use crate::config::{Broker, Tls, PASSWORD_CREDENTIAL};
-
-/// A problem with the `[broker]` section found while building the connection: (`section.key`, what).
-pub type KeyError = (String, String);
-
-/// How a client uses its session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The daemon: a persistent session (the broker queues uploads while imaged is down), manual acks.
-    Daemon { inflight: u16 },
-    /// `imaged send`: a clean session, up to `inflight` publishes waiting for their PUBACK.
-    Sender { inflight: u16 },
-    /// `imaged receive`: a clean session unless a client id is asked for.
-    Receiver { persistent: bool },
-}
-
-/// Builds a client and its event loop for `broker`. `max_packet` bounds packets both ways.
-pub fn connect(
-    broker: &Broker,
-    client_id: &str,
-    max_packet: usize,
-    role: Role,
-) -> Result<(AsyncClient, EventLoop), KeyError> {
-    let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
-    options.set_keep_alive(Duration::from_secs(broker.keep_alive_secs));
-    options.set_max_packet_size(max_packet, max_packet);
-    match role {
-        Role::Daemon { inflight } => {
-            options.set_clean_session(false);
-            options.set_manual_acks(true);
-            options.set_inflight(packet_id_space(inflight));
-        }
-        Role::Sender { inflight } => {
-            options.set_clean_session(true);
-            options.set_inflight(packet_id_space(inflight));
-        }
-        Role::Receiver { persistent } => {
-            options.set_clean_session(!persistent);
-        }
-    }
-    if let Some(user) = &broker.username {
-        options.set_credentials(user.clone(), password(broker)?.unwrap_or_default());
-    }
-    if let Some(tls) = broker.tls.as_ref().filter(|t| t.enabled) {
-        let config = tls_config(tls)?;
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(config),
-        )));
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
-    let mut network = eventloop.network_options();
-    // Nagle's algorithm alone adds tens of milliseconds to every small image at low load.
-    network.set_tcp_nodelay(true);
-    network.set_connection_timeout(broker.connect_timeout_secs);
-    eventloop.set_network_options(network);
-    Ok((client, eventloop))
-}
-
-/// Where imaged looks for the configuration of a broker on the same host.
-pub const MOSQUITTO_CONF: &str = "/etc/mosquitto/mosquitto.conf";
-
-/// What a local Mosquitto's configuration will do to imaged's images, in words, when it can be read: imaged
-/// cannot ask a broker for its settings over MQTT, but on the same host it can read them.
-pub fn local_broker_warnings(host: &str, port: u16) -> Vec<String> {
-    if !matches!(host, "localhost" | "127.0.0.1" | "::1") {
-        return Vec::new();
-    }
-    let Ok(main) = std::fs::read_to_string(MOSQUITTO_CONF) else {
-        return Vec::new();
-    };
-    let mut text = main.clone();
-    for line in main.lines() {
-        if let Some(dir) = line.trim().strip_prefix("include_dir ") {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(dir.trim())
-                .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
-                .unwrap_or_default();
-            files.sort();
-            for file in files
-                .iter()
-                .filter(|f| f.extension().is_some_and(|e| e == "conf"))
-            {
-                text += &std::fs::read_to_string(file).unwrap_or_default();
-                text.push('\n');
-            }
-        }
-    }
-    // Only for the broker that configuration is about: one listening on our port (Mosquitto's own default is 1883).
-    let ports: Vec<u16> = text
-        .lines()
-        .filter_map(|l| {
-            l.trim()
-                .strip_prefix("listener ")?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
-    let ours = if ports.is_empty() {
-        port == 1883
-    } else {
-        ports.contains(&port)
-    };
-    if ours {
-        mosquitto_warnings(&text)
-    } else {
-        Vec::new()
-    }
-}
-
-/// The warnings for a Mosquitto configuration (its files concatenated); the last setting of a key counts.
-pub fn mosquitto_warnings(conf: &str) -> Vec<String> {
-    let mut settings = std::collections::HashMap::new();
-    for line in conf.lines().map(str::trim).filter(|l| !l.starts_with('#')) {
-        if let Some((key, value)) = line.split_once(char::is_whitespace) {
-            settings.insert(key, value.trim());
-        }
-    }
-    let number = |key: &str, default: u64| {
-        settings
-            .get(key)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let mut warnings = Vec::new();
-    let queued = number("max_queued_messages", 1000);
-    if queued != 0 && queued < 100_000 {
-        warnings.push(format!(
-            "the local Mosquitto keeps at most {queued} messages (max_queued_messages) for imaged while it is down \
-             or busy and drops the rest: set max_queued_messages 100000 or more in {MOSQUITTO_CONF}"
-        ));
-    }
-    if settings.get("persistence").is_none_or(|v| *v != "true") {
-        warnings.push(format!(
-            "the local Mosquitto runs without persistence: a broker restart loses the uploads it queued for \
-             imaged; set persistence true in {MOSQUITTO_CONF}"
-        ));
-    }
-    let inflight = number("max_inflight_messages", 20);
-    if inflight != 0 && inflight < 100 {
-        warnings.push(format!(
-            "the local Mosquitto hands imaged at most {inflight} unacknowledged uploads at once (max_inflight_messages), \
-             which limits how many images imaged stores in parallel: set max_inflight_messages 100 or more"
-        ));
-    }
-    if settings.get("set_tcp_nodelay").is_none_or(|v| *v != "true") {
-        warnings.push(
-            "the local Mosquitto delays small packets (Nagle's algorithm): set set_tcp_nodelay true for \
-             imaged's acknowledgements to go out at once"
-                .to_string(),
-        );
-    }
-    warnings
-}
-
-/// rumqttc's "inflight" for up to `window` publishes waiting for their PUBACK. rumqttc hands out packet ids
-/// from 1 up to its inflight setting and wraps; a new id still in use is a "collision", and rumqttc keeps
-/// only one colliding publish aside: a second one replaces it, and that publish is gone without a trace
-/// (found by the broker-kill fault test, where retransmissions after each reconnect keep old ids in use).
-/// Our own window bounds what is in flight, so rumqttc gets 16 times as many ids, and the ids cannot wrap
-/// onto one still in use.
-pub fn packet_id_space(window: u16) -> u16 {
-    (window.max(1) as u32 * 16).clamp(1024, u16::MAX as u32) as u16
-}
-
-/// The password: from `password_file`, else from the systemd credential `mqtt-password`
-/// (`LoadCredential=mqtt-password:/path` in the unit). Never inline in the config.
-pub fn password(broker: &Broker) -> Result<Option<String>, KeyError> {
-    let (path, key) = match &broker.password_file {
-        Some(path) => (path.clone(), "broker.password_file"),
-        None => match std::env::var_os("CREDENTIALS_DIRECTORY") {
-            Some(dir) => (
-                PathBuf::from(dir).join(PASSWORD_CREDENTIAL),
-                "broker.username",
-            ),
-            None => return Ok(None),
-        },
-    };
-    if key == "broker.username" && !path.exists() {
-        return Ok(None);
-    }
-    warn_if_others_can_read(&path);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        (
-            key.to_string(),
-            format!("cannot read the password from {}: {e}", path.display()),
-        )
-    })?;
-    Ok(Some(text.lines().next().unwrap_or("").to_string()))
-}
-
-/// Secrets readable by every user on the host deserve a word in the log.
-fn warn_if_others_can_read(path: &Path) {
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o004 != 0 {
-            warn!(
-                "{} is readable by every user on this host; make it readable by imaged only (chmod 0640 or 0600)",
-                path.display()
-            );
-        }
-    }
-}
+use super::credentials::warn_if_others_can_read;
+use crate::config::{KeyError, Tls};
 
 /// The rustls configuration for `[broker.tls]`.
 pub fn tls_config(tls: &Tls) -> Result<ClientConfig, KeyError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    match &tls.ca_file {
-        Some(path) => {
-            let certs = read_certs(path, "broker.tls.ca_file")?;
-            for cert in certs {
-                roots.add(cert).map_err(|e| {
-                    (
-                        "broker.tls.ca_file".into(),
-                        format!(
-                            "{} holds a certificate rustls cannot use: {e}",
-                            path.display()
-                        ),
-                    )
-                })?;
-            }
-        }
-        None => {
-            let found = rustls_native_certs::load_native_certs();
-            roots.add_parsable_certificates(found.certs);
-            if roots.is_empty() {
-                return Err((
-                    "broker.tls.ca_file".into(),
-                    "no CA certificates found on this system (install ca-certificates, or set broker.tls.ca_file)".into(),
-                ));
-            }
-        }
-    }
-    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| {
-            (
-                "broker.tls.ca_file".to_string(),
-                format!("cannot use these CA certificates: {e}"),
-            )
-        })?;
+    let verifier =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots(tls)?), provider.clone())
+            .build()
+            .map_err(|e| {
+                KeyError::new(
+                    "broker.tls.ca_file",
+                    format!("cannot use these CA certificates: {e}"),
+                )
+            })?;
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ("broker.tls".to_string(), e.to_string()))?;
+        .map_err(|e| KeyError::new("broker.tls", e.to_string()))?;
     let builder = match &tls.server_name {
         Some(name) => {
             let name = ServerName::try_from(name.clone()).map_err(|_| {
-                (
-                    "broker.tls.server_name".to_string(),
+                KeyError::new(
+                    "broker.tls.server_name",
                     format!("{name:?} is not a valid name"),
                 )
             })?;
@@ -281,69 +49,109 @@ pub fn tls_config(tls: &Tls) -> Result<ClientConfig, KeyError> {
     };
     match (&tls.cert_file, &tls.key_file) {
         (Some(cert), Some(key)) => {
-            let chain = read_certs(cert, "broker.tls.cert_file")?;
-            warn_if_others_can_read(key);
-            let pem = std::fs::read(key).map_err(|e| {
-                (
-                    "broker.tls.key_file".to_string(),
-                    format!("cannot read {}: {e}", key.display()),
-                )
-            })?;
-            let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
-                (
-                    "broker.tls.key_file".to_string(),
-                    format!(
-                        "{} holds no private key in PEM (PKCS#8, RSA or EC)",
-                        key.display()
-                    ),
-                )
-            })?;
+            let (chain, key_der) = client_identity(cert, key)?;
             builder
                 .with_client_auth_cert(chain, key_der)
-                .map_err(|e| match e {
-                    rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => (
-                        "broker.tls.key_file".to_string(),
-                        format!(
-                            "{} is not the private key of the certificate in {}",
-                            key.display(),
-                            cert.display()
-                        ),
-                    ),
-                    // rustls checks the pair by parsing the certificate, and names a bad one a "peer" certificate.
-                    e if e.to_string().contains("UnsupportedCertVersion") => (
-                        "broker.tls.cert_file".to_string(),
-                        format!(
-                            "{} is an X.509 version 1 certificate; {V1_HINT}",
-                            cert.display()
-                        ),
-                    ),
-                    e => (
-                        "broker.tls.cert_file".to_string(),
-                        format!(
-                            "{} with the key {} cannot be used: {e}",
-                            cert.display(),
-                            key.display()
-                        ),
-                    ),
-                })
+                .map_err(|e| identity_error(&e, cert, key))
         }
         _ => Ok(builder.with_no_client_auth()),
     }
 }
 
-fn read_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, KeyError> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        (
-            key.to_string(),
-            format!("cannot read {}: {e}", path.display()),
+/// The CAs to trust: `ca_file`, else the system's.
+fn roots(tls: &Tls) -> Result<RootCertStore, KeyError> {
+    let mut roots = RootCertStore::empty();
+    match &tls.ca_file {
+        Some(path) => {
+            for cert in read_certs(path, "broker.tls.ca_file")? {
+                roots.add(cert).map_err(|e| {
+                    KeyError::new(
+                        "broker.tls.ca_file",
+                        format!(
+                            "{} holds a certificate rustls cannot use: {e}",
+                            path.display()
+                        ),
+                    )
+                })?;
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(KeyError::new(
+                    "broker.tls.ca_file",
+                    "no CA certificates found on this system (install ca-certificates, or set broker.tls.ca_file)",
+                ));
+            }
+        }
+    }
+    Ok(roots)
+}
+
+type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// The client certificate chain and its key, for mutual TLS.
+fn client_identity(cert: &Path, key: &Path) -> Result<Identity, KeyError> {
+    let chain = read_certs(cert, "broker.tls.cert_file")?;
+    warn_if_others_can_read(key);
+    let pem = std::fs::read(key).map_err(|e| {
+        KeyError::new(
+            "broker.tls.key_file",
+            format!("cannot read {}: {e}", key.display()),
         )
     })?;
+    let key_der = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| {
+        KeyError::new(
+            "broker.tls.key_file",
+            format!(
+                "{} holds no private key in PEM (PKCS#8, RSA or EC)",
+                key.display()
+            ),
+        )
+    })?;
+    Ok((chain, key_der))
+}
+
+/// Why rustls refused the certificate and key pair, naming the file to fix.
+fn identity_error(e: &rustls::Error, cert: &Path, key: &Path) -> KeyError {
+    match e {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => KeyError::new(
+            "broker.tls.key_file",
+            format!(
+                "{} is not the private key of the certificate in {}",
+                key.display(),
+                cert.display()
+            ),
+        ),
+        // rustls checks the pair by parsing the certificate, and names a bad one a "peer" certificate.
+        e if e.to_string().contains("UnsupportedCertVersion") => KeyError::new(
+            "broker.tls.cert_file",
+            format!(
+                "{} is an X.509 version 1 certificate; {V1_HINT}",
+                cert.display()
+            ),
+        ),
+        e => KeyError::new(
+            "broker.tls.cert_file",
+            format!(
+                "{} with the key {} cannot be used: {e}",
+                cert.display(),
+                key.display()
+            ),
+        ),
+    }
+}
+
+fn read_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, KeyError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| KeyError::new(key, format!("cannot read {}: {e}", path.display())))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .filter_map(Result::ok)
         .collect();
     if certs.is_empty() {
-        return Err((
-            key.to_string(),
+        return Err(KeyError::new(
+            key,
             format!("{} holds no PEM certificate", path.display()),
         ));
     }
@@ -565,27 +373,7 @@ fn utc(time: &UnixTime) -> String {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn a_default_mosquitto_gets_a_warning_for_each_setting_that_loses_or_slows_images() {
-        let warnings = super::mosquitto_warnings("listener 1883\nallow_anonymous true\n");
-        assert_eq!(warnings.len(), 4, "{warnings:?}");
-        assert!(warnings[0].contains("at most 1000 messages (max_queued_messages)"));
-        assert!(warnings[1].contains("without persistence"));
-    }
-
-    #[test]
-    fn a_mosquitto_set_up_as_the_readme_says_gets_no_warning() {
-        let conf = "# comment\npersistence true\nmax_queued_messages 100000\nmax_inflight_messages 100\nset_tcp_nodelay true\n";
-        assert!(super::mosquitto_warnings(conf).is_empty());
-        assert!(super::mosquitto_warnings(&format!("{conf}max_queued_messages 0\n")).is_empty());
-    }
-
-    #[test]
-    fn packet_ids_outnumber_the_window_many_times() {
-        assert_eq!(super::packet_id_space(32), 1024);
-        assert_eq!(super::packet_id_space(272), 4352);
-        assert_eq!(super::packet_id_space(u16::MAX), u16::MAX);
-    }
+    use std::time::Duration;
 
     use super::*;
     use rustls::{AlertDescription, CertificateError, Error as R, OtherError};

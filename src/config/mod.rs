@@ -1,0 +1,589 @@
+//! The TOML configuration: its structure, its defaults (the `Default` impls below, nowhere else) and its
+//! validation, one section at a time.
+//!
+//! Every error names the file and the `section.key` it is about, so that `journalctl -u imaged` says what to
+//! fix. Semantic checks (a topic filter that matches the stored topic, half a client certificate) are done
+//! here too, so `imaged check-config` and the daemon agree on what is valid.
+
+mod values;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::topic::{check_topic_filter, check_topic_name, topic_matches};
+pub use values::{FileMode, LogLevel};
+
+/// Where the daemon and the tools look when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/imaged.toml";
+
+/// MQTT's own limit on a packet's remaining length (the variable header and payload).
+pub const MQTT_MAX_PACKET: usize = 268_435_455;
+
+/// Room for the fixed header, topic and packet id next to an image in one PUBLISH packet.
+pub const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
+
+/// The name of the systemd credential that may hold the MQTT password (`LoadCredential=mqtt-password:…`).
+pub const PASSWORD_CREDENTIAL: &str = "mqtt-password";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The file this came from, for errors found later (an unreadable password file, say).
+    #[serde(skip)]
+    pub path: PathBuf,
+    pub broker: Broker,
+    pub topics: Topics,
+    pub storage: Storage,
+    pub limits: Limits,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Broker {
+    pub host: String,
+    pub port: u16,
+    /// `None` until [`Config::parse`] derives it from /etc/machine-id.
+    pub client_id: Option<String>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub keep_alive_secs: u64,
+    pub connect_timeout_secs: u64,
+    pub tls: Option<Tls>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// `false` turns TLS off while keeping the other keys for later.
+    pub enabled: bool,
+    /// PEM file with the CA certificates to trust; the system's roots when absent.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key for mutual TLS (PEM); both or neither.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// The name the broker's certificate must carry, when `host` is an IP address or another alias.
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topics {
+    pub upload: String,
+    pub stored: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Storage {
+    pub dir: PathBuf,
+    /// Defaults to `<dir>/.quarantine`.
+    pub quarantine_dir: Option<PathBuf>,
+    /// The index and outbox; defaults to `<dir>/.imaged`.
+    pub state_dir: Option<PathBuf>,
+    pub max_image_bytes: usize,
+    pub file_mode: FileMode,
+    pub writers: usize,
+    pub dedup_window: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub inflight_images: usize,
+    pub inflight_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    pub level: LogLevel,
+}
+
+// The defaults, as config/imaged.toml and imaged.toml(5) document them.
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker {
+            host: "localhost".into(),
+            port: 1883,
+            client_id: None,
+            username: None,
+            password_file: None,
+            keep_alive_secs: 30,
+            connect_timeout_secs: 5,
+            tls: None,
+        }
+    }
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            enabled: true,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            server_name: None,
+        }
+    }
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            upload: "image/upload".into(),
+            stored: "image/stored".into(),
+        }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            dir: "/var/lib/imaged/images".into(),
+            quarantine_dir: None,
+            state_dir: None,
+            max_image_bytes: 32 * 1024 * 1024,
+            file_mode: FileMode(0o640),
+            writers: 4,
+            dedup_window: 100_000,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            inflight_images: 256,
+            inflight_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: LogLevel(tracing::Level::INFO),
+        }
+    }
+}
+
+/// A problem with one key, found after parsing: its `section.key` and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct KeyError {
+    pub key: String,
+    pub message: String,
+}
+
+impl KeyError {
+    pub fn new(key: &str, message: impl Into<String>) -> KeyError {
+        KeyError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A config problem, with the file and (where there is one) the line and key it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        match &self.key {
+            Some(key) => write!(f, ": {key}: {}", self.message),
+            None => write!(f, ": {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates `path`, and fills in the derived defaults (client id, state folders).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.into(),
+            line: None,
+            key: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// The config a tool runs with: `path`, else the default file when there is one, else the built-in
+    /// defaults (a tool may run on a machine without imaged's config).
+    pub fn load_or_defaults(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(path) => Config::load(path),
+            None if Path::new(DEFAULT_PATH).exists() => Config::load(DEFAULT_PATH.as_ref()),
+            None => Config::parse("", DEFAULT_PATH.as_ref()).map(|mut c| {
+                c.path = PathBuf::from("(built-in defaults)");
+                c
+            }),
+        }
+    }
+
+    /// Parses and validates config text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = parse_toml(text, path)?;
+        config.validate().map_err(|e| ConfigError {
+            file: path.into(),
+            line: line_of_key(text, &e.key),
+            key: Some(e.key),
+            message: e.message,
+        })?;
+        if config.broker.client_id.is_none() {
+            config.broker.client_id = Some(default_client_id());
+        }
+        config.path = path.into();
+        Ok(config)
+    }
+
+    /// The checks serde cannot do, section by section.
+    fn validate(&self) -> Result<(), KeyError> {
+        self.broker.validate()?;
+        self.topics.validate()?;
+        self.storage.validate()?;
+        self.limits.validate()
+    }
+
+    /// A problem with a key of this config found after parsing (a password file that cannot be read, say),
+    /// with the line that sets the key.
+    pub fn error(&self, e: KeyError) -> ConfigError {
+        let line = std::fs::read_to_string(&self.path)
+            .ok()
+            .and_then(|text| line_of_key(&text, &e.key));
+        ConfigError {
+            file: self.path.clone(),
+            line,
+            key: Some(e.key),
+            message: e.message,
+        }
+    }
+
+    pub fn client_id(&self) -> &str {
+        self.broker.client_id.as_deref().unwrap_or("imaged")
+    }
+
+    /// `host:port`, as log lines and the status line name the broker.
+    pub fn broker_name(&self) -> String {
+        format!("{}:{}", self.broker.host, self.broker.port)
+    }
+
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.storage
+            .quarantine_dir
+            .clone()
+            .unwrap_or_else(|| self.storage.dir.join(".quarantine"))
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.storage
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| self.storage.dir.join(".imaged"))
+    }
+
+    /// The largest packet imaged accepts or sends: one image plus room for its topic and header.
+    pub fn max_packet_bytes(&self) -> usize {
+        (self.storage.max_image_bytes + PACKET_OVERHEAD).min(MQTT_MAX_PACKET)
+    }
+}
+
+impl Broker {
+    fn validate(&self) -> Result<(), KeyError> {
+        let err = |key: &str, msg: &str| Err(KeyError::new(key, msg));
+        if self.host.trim().is_empty() {
+            return err("broker.host", "must not be empty");
+        }
+        if self.port == 0 {
+            return err("broker.port", "must be between 1 and 65535");
+        }
+        if let Some(id) = &self.client_id {
+            if id.is_empty() || id.len() > 65535 {
+                return err("broker.client_id", "must be between 1 and 65535 bytes long");
+            }
+        }
+        if self.password_file.is_some() && self.username.is_none() {
+            return err("broker.password_file", "is set but broker.username is not");
+        }
+        if self.keep_alive_secs == 0 || self.keep_alive_secs > 65535 {
+            return err("broker.keep_alive_secs", "must be between 1 and 65535");
+        }
+        if self.connect_timeout_secs == 0 {
+            return err("broker.connect_timeout_secs", "must be at least 1");
+        }
+        match &self.tls {
+            Some(tls) => tls.validate(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Tls {
+    fn validate(&self) -> Result<(), KeyError> {
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            let key = if self.cert_file.is_some() {
+                "broker.tls.key_file"
+            } else {
+                "broker.tls.cert_file"
+            };
+            return Err(KeyError::new(
+                key,
+                "mutual TLS needs both cert_file and key_file",
+            ));
+        }
+        if let Some(name) = &self.server_name {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return Err(KeyError::new(
+                    "broker.tls.server_name",
+                    format!("{name:?} is not a valid DNS name or IP address"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Topics {
+    fn validate(&self) -> Result<(), KeyError> {
+        if let Err(why) = check_topic_filter(&self.upload) {
+            return Err(KeyError::new(
+                "topics.upload",
+                format!("{:?} is not a valid MQTT topic filter: {why}", self.upload),
+            ));
+        }
+        if let Err(why) = check_topic_name(&self.stored) {
+            return Err(KeyError::new(
+                "topics.stored",
+                format!("{:?} is not a valid MQTT topic name: {why}", self.stored),
+            ));
+        }
+        if topic_matches(&self.upload, &self.stored) {
+            return Err(KeyError::new(
+                "topics.stored",
+                format!(
+                    "{:?} matches topics.upload {:?}: imaged would store its own republished images again",
+                    self.stored, self.upload
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Storage {
+    fn validate(&self) -> Result<(), KeyError> {
+        if self.dir.as_os_str().is_empty() {
+            return Err(KeyError::new("storage.dir", "must not be empty"));
+        }
+        let max = MQTT_MAX_PACKET - PACKET_OVERHEAD;
+        if self.max_image_bytes == 0 || self.max_image_bytes > max {
+            return Err(KeyError::new(
+                "storage.max_image_bytes",
+                format!("must be between 1 and {max} (MQTT's packet limit)"),
+            ));
+        }
+        if self.writers == 0 || self.writers > 64 {
+            return Err(KeyError::new("storage.writers", "must be between 1 and 64"));
+        }
+        if self.dedup_window == 0 {
+            return Err(KeyError::new("storage.dedup_window", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), KeyError> {
+        if self.inflight_images == 0 || self.inflight_images > 65535 {
+            return Err(KeyError::new(
+                "limits.inflight_images",
+                "must be between 1 and 65535",
+            ));
+        }
+        if self.inflight_bytes == 0 {
+            return Err(KeyError::new("limits.inflight_bytes", "must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// Deserializes config text, turning serde's error into one that names the key and the line.
+fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    let located =
+        |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| ConfigError {
+            file: path.into(),
+            line: span.map(|s| line_at(text, s.start)),
+            key,
+            message,
+        };
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| located(e.span(), None, e.message().trim().to_string()))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        // The path includes an unknown key itself, e.g. `broker.prot`.
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.message().trim().to_string();
+        let key = (path != ".").then_some(path);
+        located(inner.span(), key, message)
+    })
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The line where `section.key` is set, for errors found after parsing.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let (section, name) = key.rsplit_once('.')?;
+    let mut current = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = header.trim().to_string();
+        } else if current == section {
+            if let Some((k, _)) = line.split_once('=') {
+                if k.trim() == name {
+                    return Some(n + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// A client id that is stable on this host and differs between hosts: two daemons sharing an id would
+/// take each other's persistent session and kick each other off the broker.
+pub fn default_client_id() -> String {
+    use sha2::{Digest, Sha256};
+    let seed = std::fs::read_to_string("/etc/machine-id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        });
+    match seed {
+        // Hashed, as systemd asks: the machine id itself should not leave the host.
+        Some(seed) => {
+            let digest = Sha256::digest(format!("imaged:{seed}").as_bytes());
+            let hex: String = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+            format!("imaged-{hex}")
+        }
+        None => "imaged".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/imaged.toml"))
+    }
+
+    #[test]
+    fn the_shipped_config_parses_and_sets_every_key() {
+        let text = include_str!("../../config/imaged.toml");
+        let config = parse(text).expect("config/imaged.toml must parse");
+        assert_eq!(config.topics.upload, "image/upload");
+        assert_eq!(config.topics.stored, "image/stored");
+        assert_eq!(config.storage.max_image_bytes, 33_554_432);
+    }
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let config = parse("[broker]\n").unwrap();
+        assert_eq!(config.broker.host, "localhost");
+        assert_eq!(config.broker.port, 1883);
+        assert_eq!(config.storage.dir, Path::new("/var/lib/imaged/images"));
+        assert_eq!(
+            config.quarantine_dir(),
+            Path::new("/var/lib/imaged/images/.quarantine")
+        );
+        assert_eq!(config.storage.file_mode, FileMode(0o640));
+        assert!(config.client_id().starts_with("imaged"));
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_section_and_line() {
+        let err = parse("[broker]\nhost = \"x\"\nprot = 1\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("broker.prot"));
+        assert_eq!(err.line, Some(3));
+        assert!(
+            err.to_string()
+                .starts_with("/etc/imaged.toml:3: broker.prot: unknown field"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key() {
+        let err = parse("[broker]\nport = \"eighty\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("broker.port"));
+        assert_eq!(err.line, Some(2));
+    }
+
+    #[test]
+    fn an_unknown_section_is_named() {
+        let err = parse("[broker]\n[brokr]\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("brokr"));
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line() {
+        let err = parse("[broker]\nhost = \n").unwrap_err();
+        assert_eq!(err.line, Some(2));
+    }
+
+    #[test]
+    fn a_stored_topic_inside_the_upload_filter_is_refused() {
+        let err = parse("[broker]\n[topics]\nupload = \"image/#\"\nstored = \"image/stored\"\n")
+            .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("topics.stored"));
+        assert_eq!(err.line, Some(4));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_gives_a_config_or_an_error_never_a_panic(text in "\\PC{0,200}") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn any_value_for_a_known_key_gives_a_config_or_an_error_naming_it(
+            section in "(broker|topics|storage|limits|log)", key in "[a-z_]{1,20}", value in "(\"[^\"\\\\]{0,20}\"|-?[0-9]{1,12}|true|false|\\[\\])",
+        ) {
+            if let Err(e) = parse(&format!("[{section}]\n{key} = {value}\n")) {
+                proptest::prop_assert!(e.key.is_some() || e.line.is_some(), "{}", e);
+            }
+        }
+    }
+
+    #[test]
+    fn half_a_client_certificate_is_refused() {
+        let err = parse("[broker.tls]\ncert_file = \"/c.pem\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("broker.tls.key_file"));
+    }
+}

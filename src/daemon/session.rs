@@ -1,0 +1,509 @@
+//! The MQTT session: one task that owns the connection to the broker.
+//!
+//! It polls rumqttc's event loop as a stream (so it can wait on the broker and on the pipeline at once
+//! without cancelling `poll()`, which is not cancel-safe), hands uploads to the pipeline, and sends the
+//! acknowledgements and republishes the pipeline asks for. It alone writes into rumqttc's request channel,
+//! and only with non-blocking calls, so it can never deadlock on a full channel.
+//!
+//! Rules it keeps:
+//! * a connection has a generation; an upload is acknowledged only on the connection it came on (after a
+//!   reconnect the same packet id may name another message), otherwise the broker redelivers it and dedup
+//!   settles it again;
+//! * republishes are matched to their packet ids through rumqttc's `Outgoing::Publish` events, which come in
+//!   request order; those a lost broker session dropped go back to the pipeline to be sent again;
+//! * it stops reading from the broker while `limits.inflight_*` uploads are unsettled, which bounds memory;
+//! * reconnects back off with jitter, and each episode of trouble is logged once, in words.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use rumqttc::{
+    AsyncClient, ConnAck, ConnectionError, Event, EventLoop, Incoming, Outgoing, Publish, QoS,
+    SubAck, SubscribeReasonCode,
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tracing::{debug, error, info, warn};
+
+use super::health::{Beat, Health, Stats};
+use super::index::Hash;
+use super::pipeline::{Inbox, Outcome, Upload};
+use crate::mqtt::{self, Numbered, PublishWindow};
+use crate::storage;
+
+/// How long a stop waits for the pipeline and the broker before it exits anyway (nothing unacknowledged is
+/// lost by that: the broker delivers it again).
+const STOP_DEADLINE: Duration = Duration::from_secs(20);
+/// How long a stop waits for the broker to confirm republishes already sent.
+const STOP_REPUBLISH_GRACE: Duration = Duration::from_secs(3);
+
+/// What the session needs from the config.
+pub struct Settings {
+    /// `host:port`, for log lines.
+    pub broker: String,
+    pub upload: String,
+    pub stored: String,
+    pub max_images: usize,
+    pub max_bytes: usize,
+    /// The incoming packet limit for normal operation (see [`mqtt::events`]).
+    pub max_packet: usize,
+    /// Where the upload filter of the persistent session is remembered, so that a changed `topics.upload`
+    /// also unsubscribes the old filter (the broker keeps it in the session otherwise).
+    pub subscription_file: PathBuf,
+}
+
+/// The filter to unsubscribe: the one remembered from an earlier run, when it is not the configured one.
+pub fn stale_filter(remembered: Option<&str>, configured: &str) -> Option<String> {
+    remembered
+        .map(str::trim)
+        .filter(|r| !r.is_empty() && *r != configured)
+        .map(str::to_string)
+}
+
+/// The decision of whether an upload's ack may go out now.
+pub fn ack_allowed(upload_gen: u64, current_gen: u64, connected: bool) -> bool {
+    connected && upload_gen == current_gen
+}
+
+struct Republish {
+    hash: Hash,
+    name: String,
+    payload: Bytes,
+}
+
+/// The connection's state. Only the session's own task touches it; the pipeline hears from it over
+/// [`Inbox`] and answers over [`Outcome`].
+pub struct Session {
+    settings: Settings,
+    client: AsyncClient,
+    pipeline: mpsc::Sender<Inbox>,
+    health: Arc<Health>,
+    beat: Arc<Beat>,
+    /// The connection's generation: one more at every ConnAck and every connection error.
+    gen: u64,
+    connected: bool,
+    /// The arrival number of the last upload handed to the pipeline (the pipeline settles in this order).
+    seq: u64,
+    /// Uploads handed to the pipeline and not yet settled, in count and bytes: the read window.
+    inflight_images: usize,
+    inflight_bytes: usize,
+    /// Acks for the current connection that did not fit in the request channel yet.
+    acks: VecDeque<(u16, QoS)>,
+    /// Republishes from the pipeline not yet in the request channel.
+    to_send: VecDeque<Republish>,
+    /// Republishes in the request channel or on the wire: (hash, name) until the broker's PUBACK.
+    republishes: PublishWindow<(Hash, String)>,
+    need_subscribe: bool,
+    /// An old upload filter still in the persistent session, to unsubscribe.
+    unsubscribe: Option<String>,
+    /// When to try a refused subscription again.
+    resubscribe_at: Option<Instant>,
+    /// The first subscription was acknowledged.
+    ready: bool,
+    /// The words of the last connection problem logged, so one cause makes one line.
+    last_problem: Option<String>,
+    /// When the stop began.
+    stopping: Option<Instant>,
+    disconnect_sent: bool,
+    disconnected: bool,
+}
+
+impl Session {
+    pub fn new(
+        settings: Settings,
+        client: AsyncClient,
+        pipeline: mpsc::Sender<Inbox>,
+        health: Arc<Health>,
+    ) -> Session {
+        let remembered = std::fs::read_to_string(&settings.subscription_file).ok();
+        let unsubscribe = stale_filter(remembered.as_deref(), &settings.upload);
+        Session {
+            beat: health.register("MQTT event loop"),
+            republishes: PublishWindow::new(settings.max_images),
+            settings,
+            client,
+            pipeline,
+            health,
+            gen: 0,
+            connected: false,
+            seq: 0,
+            inflight_images: 0,
+            inflight_bytes: 0,
+            acks: VecDeque::new(),
+            to_send: VecDeque::new(),
+            need_subscribe: false,
+            unsubscribe,
+            resubscribe_at: None,
+            ready: false,
+            last_problem: None,
+            stopping: None,
+            disconnect_sent: false,
+            disconnected: false,
+        }
+    }
+
+    /// Runs until `shutdown` resolves and the images in flight are settled (or the stop deadline passes).
+    /// `on_ready` runs once, at the first acknowledged subscription. Errs only if the pipeline died.
+    pub async fn run(
+        mut self,
+        eventloop: EventLoop,
+        mut outcomes: UnboundedReceiver<Outcome>,
+        shutdown: impl std::future::Future<Output = ()>,
+        on_ready: impl FnOnce(),
+    ) -> Result<(), PipelineStopped> {
+        let mut events = mqtt::events(eventloop, self.settings.max_packet);
+        let mut on_ready = Some(on_ready);
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(super::health::tick_period());
+        loop {
+            self.beat.beat();
+            tokio::select! {
+                biased;
+                _ = &mut shutdown, if self.stopping.is_none() => self.stop(),
+                outcome = outcomes.recv() => match outcome {
+                    Some(outcome) => self.outcome(outcome),
+                    None => return Err(PipelineStopped),
+                },
+                Some((event, retry)) = events.next(), if self.admitting() => {
+                    self.event(event, retry)?;
+                    if self.ready {
+                        if let Some(f) = on_ready.take() {
+                            f();
+                        }
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            self.flush();
+            if self.stopping.is_some() && self.stop_done() {
+                let _ = self.pipeline.send(Inbox::Shutdown);
+                return Ok(());
+            }
+        }
+    }
+
+    /// Whether to read more from the broker: not while the settle window is full (a stop drops what comes).
+    fn admitting(&self) -> bool {
+        self.stopping.is_some()
+            || (self.inflight_images < self.settings.max_images
+                && self.inflight_bytes < self.settings.max_bytes)
+    }
+
+    fn stop(&mut self) {
+        self.stopping = Some(Instant::now());
+        super::systemd::stopping();
+        info!(
+            "Stopping: finishing {} images in flight",
+            self.inflight_images
+        );
+        // What is not sent yet stays in the outbox and goes out at the next start.
+        self.to_send.clear();
+    }
+
+    fn stop_done(&mut self) -> bool {
+        let Some(since) = self.stopping else {
+            return false;
+        };
+        if since.elapsed() > STOP_DEADLINE {
+            warn!(
+                "Stopping without waiting longer for {} images in flight; the broker will deliver them again",
+                self.inflight_images
+            );
+            return true;
+        }
+        let settled = self.inflight_images == 0 && self.acks.is_empty();
+        if !settled {
+            return false;
+        }
+        if !self.connected || self.disconnected {
+            return true;
+        }
+        let republished = self.republishes.is_empty();
+        if !self.disconnect_sent && (republished || since.elapsed() > STOP_REPUBLISH_GRACE) {
+            // Queued behind the acks: once it is written, so are they.
+            self.disconnect_sent = self.client.try_disconnect().is_ok();
+        }
+        false
+    }
+
+    fn outcome(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Settled {
+                gen,
+                pkid,
+                qos,
+                bytes,
+            } => {
+                self.inflight_images -= 1;
+                self.inflight_bytes -= bytes;
+                if qos == QoS::AtMostOnce {
+                    return;
+                }
+                if ack_allowed(gen, self.gen, self.connected) {
+                    self.acks.push_back((pkid, qos));
+                } else {
+                    debug!(
+                        pkid,
+                        "not acknowledging on a newer connection; the broker will deliver it again"
+                    );
+                }
+            }
+            Outcome::Republish {
+                hash,
+                name,
+                payload,
+            } => {
+                if self.stopping.is_none() {
+                    self.to_send.push_back(Republish {
+                        hash,
+                        name,
+                        payload,
+                    });
+                }
+            }
+        }
+    }
+
+    fn event(
+        &mut self,
+        event: Result<Event, ConnectionError>,
+        retry: Option<Duration>,
+    ) -> Result<(), PipelineStopped> {
+        match event {
+            Ok(Event::Incoming(Incoming::ConnAck(ack))) => self.connected(&ack)?,
+            Ok(Event::Incoming(Incoming::SubAck(ack))) => self.subscribed(&ack),
+            Ok(Event::Incoming(Incoming::Publish(publish))) => self.received(publish)?,
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                let Some((hash, name)) = self.republishes.acked(ack.pkid) else {
+                    debug!(pkid = ack.pkid, "a PUBACK for no republish waiting for one");
+                    return Ok(());
+                };
+                info!(
+                    name = %name, topic = %self.settings.stored,
+                    "Image re-published on topic '{}'", self.settings.stored
+                );
+                Stats::count(&self.health.stats.republished);
+                self.to_pipeline(Inbox::Confirmed(hash))?;
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => match self.republishes.numbered(pkid) {
+                Numbered::New => {}
+                Numbered::Again => debug!(pkid, "republish sent again"),
+                Numbered::Unknown => debug!(
+                    pkid,
+                    "a publish went out that is no republish waiting for a packet id"
+                ),
+            },
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => self.disconnected = true,
+            Ok(_) => {}
+            Err(e) => self.connection_lost(&e, retry),
+        }
+        Ok(())
+    }
+
+    fn connected(&mut self, ack: &ConnAck) -> Result<(), PipelineStopped> {
+        self.gen += 1;
+        self.connected = true;
+        self.health.stats.connected.store(true, Ordering::Relaxed);
+        self.need_subscribe = true;
+        let session = if ack.session_present {
+            "session resumed"
+        } else {
+            "new session"
+        };
+        info!(broker = %self.settings.broker, "Connected to {} ({session})", self.settings.broker);
+        let (unnumbered, on_wire) = self.republishes.stages();
+        debug!(
+            "republishes: {unnumbered} waiting for a packet id, {on_wire} for their PUBACK, {} not sent yet",
+            self.to_send.len()
+        );
+        self.last_problem = None;
+        if !ack.session_present {
+            // rumqttc dropped the republishes it still had; send them again.
+            let lost = self.republishes.take_all();
+            if !lost.is_empty() {
+                debug!(
+                    "{} republishes lost with the broker session; sending them again",
+                    lost.len()
+                );
+                self.to_pipeline(Inbox::Lost(lost))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn subscribed(&mut self, ack: &SubAck) {
+        if ack
+            .return_codes
+            .iter()
+            .any(|c| matches!(c, SubscribeReasonCode::Failure))
+        {
+            error!(
+                "The broker {} refused the subscription to '{}': check its ACL for this user; trying again in 30s",
+                self.settings.broker, self.settings.upload
+            );
+            self.resubscribe_at = Some(Instant::now() + Duration::from_secs(30));
+        } else if !self.ready {
+            self.ready = true;
+            info!(
+                "Ready: subscribed to '{}', republishing on '{}'",
+                self.settings.upload, self.settings.stored
+            );
+            self.remember_subscription();
+        }
+    }
+
+    fn connection_lost(&mut self, e: &ConnectionError, retry: Option<Duration>) {
+        let was_connected = self.connected;
+        self.connected = false;
+        self.health.stats.connected.store(false, Ordering::Relaxed);
+        self.gen += 1;
+        self.acks.clear();
+        if self.stopping.is_some() && self.disconnect_sent {
+            self.disconnected = true;
+            return;
+        }
+        let problem = mqtt::describe(e, &self.settings.broker);
+        let retry = retry
+            .map(|d| format!("; retrying in {:.1}s", d.as_secs_f64()))
+            .unwrap_or_default();
+        if mqtt::oversized(e).is_some() {
+            warn!("A message on '{}' is larger than this client accepts ({e}); receiving it once more to refuse it", self.settings.upload);
+        } else if self.last_problem.as_deref() != Some(problem.as_str()) {
+            if was_connected {
+                warn!("Lost the connection: {problem}{retry}");
+            } else {
+                warn!("Cannot connect: {problem}{retry}");
+            }
+            self.last_problem = Some(problem);
+        } else {
+            debug!("still cannot connect: {problem}{retry}");
+        }
+    }
+
+    fn received(&mut self, publish: Publish) -> Result<(), PipelineStopped> {
+        if self.stopping.is_some() {
+            debug!(
+                pkid = publish.pkid,
+                "stopping: not taking a new upload; the broker will deliver it again"
+            );
+            return Ok(());
+        }
+        self.seq += 1;
+        self.inflight_images += 1;
+        self.inflight_bytes += publish.payload.len();
+        self.to_pipeline(Inbox::Upload(Upload {
+            seq: self.seq,
+            gen: self.gen,
+            pkid: publish.pkid,
+            qos: publish.qos,
+            topic: publish.topic,
+            payload: publish.payload,
+            at: chrono::Utc::now(),
+        }))
+    }
+
+    fn to_pipeline(&self, msg: Inbox) -> Result<(), PipelineStopped> {
+        self.pipeline.send(msg).map_err(|_| PipelineStopped)
+    }
+
+    fn remember_subscription(&self) {
+        let file = &self.settings.subscription_file;
+        let dir = file.parent().unwrap_or(Path::new("."));
+        let written =
+            storage::write_temp(dir, self.settings.upload.as_bytes(), 0o600).and_then(|temp| {
+                temp.persist(file).map_err(|e| storage::PathError {
+                    op: "replace",
+                    path: file.clone(),
+                    source: e.error,
+                })
+            });
+        if let Err(e) = written {
+            warn!("{e}; a later change of topics.upload will not unsubscribe this filter");
+        }
+    }
+
+    /// Moves what is waiting into rumqttc's request channel, as far as it has room; never waits.
+    fn flush(&mut self) {
+        if !self.connected || self.disconnect_sent {
+            return;
+        }
+        if self.resubscribe_at.is_some_and(|at| at <= Instant::now()) {
+            self.resubscribe_at = None;
+            self.need_subscribe = true;
+        }
+        if let Some(old) = &self.unsubscribe {
+            if self.client.try_unsubscribe(old.clone()).is_ok() {
+                info!("Unsubscribing from '{old}', the upload filter of an earlier configuration");
+                self.unsubscribe = None;
+            }
+        }
+        if self.need_subscribe
+            && self
+                .client
+                .try_subscribe(self.settings.upload.clone(), QoS::AtLeastOnce)
+                .is_ok()
+        {
+            self.need_subscribe = false;
+        }
+        while let Some(&(pkid, qos)) = self.acks.front() {
+            let mut publish = Publish::new("", qos, Vec::new());
+            publish.pkid = pkid;
+            if self.client.try_ack(&publish).is_err() {
+                break;
+            }
+            self.acks.pop_front();
+        }
+        while let Some(Republish {
+            hash,
+            name,
+            payload,
+        }) = self.to_send.pop_front()
+        {
+            let publish = payload.clone();
+            let stored = &self.settings.stored;
+            if let Err((hash, name)) =
+                self.republishes
+                    .try_publish(&self.client, stored, false, publish, (hash, name))
+            {
+                self.to_send.push_front(Republish {
+                    hash,
+                    name,
+                    payload,
+                });
+                break;
+            }
+        }
+    }
+}
+
+/// The storage pipeline is gone: the daemon cannot go on.
+#[derive(Debug, thiserror::Error)]
+#[error("the storage pipeline stopped")]
+pub struct PipelineStopped;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_remembered_filter_other_than_the_configured_one_is_unsubscribed() {
+        assert_eq!(stale_filter(None, "image/upload"), None);
+        assert_eq!(stale_filter(Some("image/upload\n"), "image/upload"), None);
+        assert_eq!(stale_filter(Some(""), "image/upload"), None);
+        assert_eq!(
+            stale_filter(Some("cams/#"), "image/upload").as_deref(),
+            Some("cams/#")
+        );
+    }
+
+    #[test]
+    fn an_ack_goes_out_only_on_the_connection_its_upload_came_on() {
+        assert!(ack_allowed(3, 3, true));
+        assert!(!ack_allowed(3, 3, false));
+        assert!(!ack_allowed(2, 3, true));
+    }
+}

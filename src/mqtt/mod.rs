@@ -1,0 +1,17 @@
+//! MQTT client code shared by the daemon and the tools: how a client connects (options, credentials, TLS),
+//! the event loop as a stream that backs off, the publish window, connection errors in words, and what a
+//! local Mosquitto's configuration will do to imaged's images.
+
+mod credentials;
+mod describe;
+mod local_broker;
+mod options;
+mod poller;
+mod tls;
+mod window;
+
+pub use describe::describe;
+pub use local_broker::local_broker_warnings;
+pub use options::{connect, packet_id_space, Role};
+pub use poller::{events, oversized, Events, Polled};
+pub use window::{Numbered, PublishWindow};
