@@ -50,7 +50,7 @@ deb:
 	$(CARGO) deb --no-build
 
 # Install, run, hang, upgrade, break and purge the package inside a Debian container booted with systemd as
-# PID 1 (../shared/tools/systemd-sandbox). Needs root; builds the package first.
+# PID 1 (tests/sandbox). Needs root; builds the package first.
 package-test:
 	./tests/package.sh
 

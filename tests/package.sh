@@ -1,6 +1,6 @@
 #!/bin/bash
 # The Debian package under a real systemd: builds target/debian/imaged_*.deb (make deb), checks it with
-# lintian, then boots a Debian bookworm container with systemd as PID 1 (../shared/tools/systemd-sandbox) and
+# lintian, then boots a Debian bookworm container with systemd as PID 1 (tests/sandbox) and
 # walks the README's "Install on Debian/Ubuntu" path in it:
 #   1. apt-get install (mosquitto comes as a Recommends): the service is enabled and active at once,
 #      Type=notify, active only after READY=1 (it stays activating while the broker is down), no restarts
@@ -18,7 +18,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-SANDBOX=${SANDBOX:-$ROOT/../shared/tools/systemd-sandbox/sandbox}
+SANDBOX=${SANDBOX:-$ROOT/tests/sandbox/sandbox}
 NAME=imaged-test
 START=$SECONDS
 

@@ -5,7 +5,7 @@
 //! * **broker floor**: a forwarder that only republishes (no disk), see forwarder.rs;
 //! * **disk floor**: imaged's durable write sequence on `storage.writers` threads, no MQTT, see disk.rs;
 //! * **imaged**: the real release binary, its files and republishes checked byte for byte;
-//! * **original QoS 0 / QoS 1**: ../shared/reference/mqtt_image_store_and_forward.py.
+//! * **original QoS 0 / QoS 1**: benches/original/mqtt_image_store_and_forward.py.
 //!
 //! It prints the medians and imaged's ratios to each limit, and writes them to target/bench/. A run where
 //! imaged (or a limit that must not lose anything) loses or corrupts an image fails: exit status 1.
@@ -95,7 +95,7 @@ struct Args {
     /// Extra imaged config, e.g. `limits.inflight_images=512` (repeatable)
     #[arg(long = "imaged-set", value_name = "SECTION.KEY=VALUE")]
     imaged_set: Vec<String>,
-    /// The original script [default: ../shared/reference/mqtt_image_store_and_forward.py]
+    /// The original script [default: benches/original/mqtt_image_store_and_forward.py]
     #[arg(long)]
     original: Option<PathBuf>,
     #[arg(long, default_value = "python3")]
@@ -692,7 +692,7 @@ fn bench(args: Args) -> Result<bool, String> {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_imaged")));
     let original = args.original.clone().unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/reference/mqtt_image_store_and_forward.py")
+            .join("benches/original/mqtt_image_store_and_forward.py")
     });
     let original_ok = original::available(&args.python, &original);
     let mut sets = Vec::new();

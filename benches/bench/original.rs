@@ -1,4 +1,4 @@
-//! The original: ../shared/reference/mqtt_image_store_and_forward.py (paho-mqtt), at its QoS 0 default or
+//! The original: benches/original/mqtt_image_store_and_forward.py (paho-mqtt), at its QoS 0 default or
 //! with MQTT_QOS=1. It neither fsyncs nor keeps two images of the same second, so besides its images/s the
 //! benchmark counts how many of its files survived.
 
