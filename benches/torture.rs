@@ -22,22 +22,69 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// One round of every scenario `--only` allows, with seeds from `seed`.
+fn round(seed: u64, only: Option<&str>) -> Vec<Run> {
+    let wanted = |kind: &str| only.is_none_or(|o| o == kind);
+    let mut runs = Vec::new();
+    if wanted("imaged") {
+        runs.push(scenarios::imaged_kills(seed + 1, 8000, 150));
+    }
+    if wanted("broker") {
+        runs.push(scenarios::broker_kills(seed + 2, 3000, 30));
+    }
+    if wanted("network") {
+        runs.push(scenarios::network_faults(seed + 3, 4000, 15));
+    }
+    if wanted("disk") && scenarios::can_mount() {
+        runs.push(scenarios::disk_faults(seed + 4, 4000, 15));
+    }
+    if wanted("sigstop") {
+        runs.push(scenarios::sigstops(seed + 5, 3000, 8));
+    }
+    if wanted("hostile") {
+        runs.push(scenarios::hostile_input(seed + 6, 2000, 1000));
+    }
+    runs
+}
+
+fn print_round(round: u64, runs: &[Run]) {
+    for run in runs {
+        let l = &run.ledger;
+        println!(
+            "round {round}: {:<28} faults {:>4}  sent {:>6}  acked {:>6}  stored {:>6}  lost {}  duplicated {}  partial {}",
+            run.kind,
+            run.faults,
+            l.sent,
+            l.acked,
+            l.stored,
+            l.lost.len(),
+            l.duplicated,
+            l.partial
+        );
+        for lost in l.lost.iter().take(5) {
+            println!("    LOST {lost}");
+        }
+    }
+}
+
+/// Hostile payloads are counted in their own row, not toward the fault target: the target is met by kills,
+/// cuts, stalls, full disks and stops alone. Returns (faults, images).
+fn totals(runs: &[Run]) -> (usize, usize) {
+    let faults = runs
+        .iter()
+        .filter(|r| r.kind != "hostile input")
+        .map(|r| r.faults)
+        .sum::<usize>();
+    (faults, runs.iter().map(|r| r.ledger.sent).sum::<usize>())
+}
+
 fn main() {
-    let want_faults = arg("--faults", 1000) as usize;
-    let want_images = arg("--images", 100_000) as usize;
+    let want_faults = usize::try_from(arg("--faults", 1000)).unwrap_or(usize::MAX);
+    let want_images = usize::try_from(arg("--images", 100_000)).unwrap_or(usize::MAX);
     let budget = Duration::from_secs(arg("--minutes", 50) * 60);
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     let start = Instant::now();
     let mut runs: Vec<Run> = Vec::new();
-    // Hostile payloads are counted in their own row, not toward the fault target: the target is met by kills,
-    // cuts, stalls, full disks and stops alone.
-    let totals = |runs: &[Run]| {
-        let faults = runs
-            .iter()
-            .filter(|r| r.kind != "hostile input")
-            .map(|r| r.faults)
-            .sum::<usize>();
-        (faults, runs.iter().map(|r| r.ledger.sent).sum::<usize>())
-    };
     // `--round N` starts at round N: its seeds, so that one round can be run again.
     let mut round = arg("--round", 1) - 1;
     println!(
@@ -50,45 +97,8 @@ fn main() {
             break;
         }
         round += 1;
-        let seed = 1000 * round;
-        let only = std::env::args().skip_while(|a| a != "--only").nth(1);
-        let wanted = |kind: &str| only.as_deref().is_none_or(|o| o == kind);
-        let mut round_runs = Vec::new();
-        if wanted("imaged") {
-            round_runs.push(scenarios::imaged_kills(seed + 1, 8000, 150));
-        }
-        if wanted("broker") {
-            round_runs.push(scenarios::broker_kills(seed + 2, 3000, 30));
-        }
-        if wanted("network") {
-            round_runs.push(scenarios::network_faults(seed + 3, 4000, 15));
-        }
-        if wanted("disk") && scenarios::can_mount() {
-            round_runs.push(scenarios::disk_faults(seed + 4, 4000, 15));
-        }
-        if wanted("sigstop") {
-            round_runs.push(scenarios::sigstops(seed + 5, 3000, 8));
-        }
-        if wanted("hostile") {
-            round_runs.push(scenarios::hostile_input(seed + 6, 2000, 1000));
-        }
-        for run in &round_runs {
-            let l = &run.ledger;
-            println!(
-                "round {round}: {:<28} faults {:>4}  sent {:>6}  acked {:>6}  stored {:>6}  lost {}  duplicated {}  partial {}",
-                run.kind,
-                run.faults,
-                l.sent,
-                l.acked,
-                l.stored,
-                l.lost.len(),
-                l.duplicated,
-                l.partial
-            );
-            for lost in l.lost.iter().take(5) {
-                println!("    LOST {lost}");
-            }
-        }
+        let round_runs = self::round(1000 * round, only.as_deref());
+        print_round(round, &round_runs);
         runs.extend(round_runs);
         let (faults, images) = totals(&runs);
         println!(
@@ -96,7 +106,7 @@ fn main() {
             start.elapsed().as_secs_f64() / 60.0
         );
     }
-    let (flood, peak, bound, after_round) = if std::env::args().any(|a| a == "--only") {
+    let (flood, peak, bound, after_round) = if only.is_some() {
         (None, 0, 0, Vec::new())
     } else {
         let (run, peak, bound, after) = scenarios::memory_flood(99, 10, 20);

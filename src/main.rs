@@ -25,7 +25,7 @@ fn main() -> ExitCode {
             })
         }),
         Some(Command::CheckConfig) => start(required(), cli.log_level)
-            .and_then(|config| tools::check_config::run(&config).map_err(config_error)),
+            .and_then(|config| tools::check_config::run(&config).map_err(|e| config_error(&e))),
         Some(Command::Send(args)) => {
             start(Config::load_or_defaults(path), cli.log_level).and_then(|config| {
                 tools::send::run(config, args).map_err(|e| report("imaged send", &e, e.exit()))
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Receive(args)) => start(Config::load_or_defaults(path), cli.log_level)
             .and_then(|config| {
-                tools::receive::run(config, args)
+                tools::receive::run(config, &args)
                     .map_err(|e| report("imaged receive", &e, e.exit()))
             }),
         Some(Command::GenerateAssets { dir }) => {
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
 
 /// The config, and logging started at the level the command line, `RUST_LOG` or the config ask for.
 fn start(config: Result<Config, ConfigError>, flag: Option<LogLevel>) -> Result<Config, Exit> {
-    let config = config.map_err(config_error)?;
+    let config = config.map_err(|e| config_error(&e))?;
     let rust_log = std::env::var("RUST_LOG").ok();
     let (level, ignored) = logging::level(flag, rust_log.as_deref(), config.log.level);
     logging::init(level.0);
@@ -58,7 +58,7 @@ fn start(config: Result<Config, ConfigError>, flag: Option<LogLevel>) -> Result<
     Ok(config)
 }
 
-fn config_error(e: ConfigError) -> Exit {
+fn config_error(e: &ConfigError) -> Exit {
     report("imaged", format!("config error: {e}"), Exit::Config)
 }
 

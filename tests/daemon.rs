@@ -53,7 +53,9 @@ fn a_hundred_images_are_all_stored_and_republished() {
     let mut daemon = Daemon::start(&broker);
     daemon.wait_ready();
 
-    let images: Vec<Vec<u8>> = (0..100).map(|i| jpeg(i, 2000 + i as usize * 37)).collect();
+    let images: Vec<Vec<u8>> = (0..100usize)
+        .map(|i| jpeg(i as u64, 2000 + i * 37))
+        .collect();
     for image in &images {
         assert!(broker.mosquitto_pub(UPLOAD, image));
     }

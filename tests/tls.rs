@@ -1216,20 +1216,15 @@ fn is_image_name(name: &str) -> bool {
         }
 }
 
-#[test]
-fn hostile_topic_names_never_become_paths_and_nothing_lands_outside_the_storage_folder() {
-    let broker = Broker::start();
-    let mut daemon =
-        Daemon::start_with(broker.port, "[topics]\nupload = \"image/upload/#\"\n", &[]);
-    daemon.wait_ready();
-    let tag = format!("imaged-escape-{}", fastrand::u64(..));
+/// Topics that would lead out of the storage folder, or into its hidden parts, if they became paths.
+fn escaping_topics(tag: &str) -> Vec<String> {
     // Mosquitto refuses topics of more than 200 levels.
     let many_levels = format!("image/upload/{}{tag}", "a/".repeat(180));
     let long_level = format!("image/upload/{}", "x".repeat(60 * 1024));
     let dots = format!("image/upload/{}tmp/{tag}", "../".repeat(40));
-    let mut topics: Vec<String> = vec![
+    vec![
         format!("image/upload/../../../../../../../../tmp/{tag}"),
-        dots.clone(),
+        dots,
         "image/upload/..".into(),
         "image/upload/.".into(),
         "image/upload/".into(),
@@ -1243,9 +1238,19 @@ fn hostile_topic_names_never_become_paths_and_nothing_lands_outside_the_storage_
         format!("image/upload/\u{202e}gpj.{tag}"),
         format!("image/upload/ {tag} .jpg"),
         format!("image/upload/~/{tag}"),
-        many_levels.clone(),
-        long_level.clone(),
-    ];
+        many_levels,
+        long_level,
+    ]
+}
+
+#[test]
+fn hostile_topic_names_never_become_paths_and_nothing_lands_outside_the_storage_folder() {
+    let broker = Broker::start();
+    let mut daemon =
+        Daemon::start_with(broker.port, "[topics]\nupload = \"image/upload/#\"\n", &[]);
+    daemon.wait_ready();
+    let tag = format!("imaged-escape-{}", fastrand::u64(..));
+    let mut topics = escaping_topics(&tag);
     // Control characters MQTT allows in a topic (only U+0000 is forbidden); Mosquitto refuses them itself.
     let controls: Vec<String> = ["\t", "\n", "\r", "\u{1b}[31m", "\u{7f}", "\u{85}", "\u{1}"]
         .iter()

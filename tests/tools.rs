@@ -61,7 +61,7 @@ fn a_folder_of_1000_images_goes_through_send_into_imaged_and_all_are_stored() {
     let folder = scratch();
     let mut hashes = std::collections::HashSet::new();
     for i in 0..1000u64 {
-        let image = jpeg(50_000 + i, 1000 + (i as usize % 7) * 500);
+        let image = jpeg(50_000 + i, 1000 + (i % 7) as usize * 500);
         hashes.insert(sha(&image));
         std::fs::write(folder.path().join(format!("cam-{i:04}.jpg")), image).unwrap();
     }

@@ -1,6 +1,5 @@
 //! The real imaged (target/release/imaged) with its own config, storage folder, log and notify socket.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -12,41 +11,21 @@ use std::time::{Duration, Instant};
 
 use imaged::config::Config;
 
+use crate::common::ImagedConfig;
+
 use crate::payload::{Bad, Gen};
 
 /// The config the benchmark runs imaged with: its defaults (the shipped config/imaged.toml), a private broker
 /// and folder, log level warn (info writes two lines per image: logging is not what is measured), and any
 /// `--imaged-set section.key=value` given.
 pub fn config_text(port: u16, dir: &Path, sets: &[(String, String, String)]) -> String {
-    let mut sections: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let mut add =
-        |section: &'static str, line: String| sections.entry(section).or_default().push(line);
-    add("broker", "host = \"127.0.0.1\"".into());
-    add("broker", format!("port = {port}"));
-    add(
-        "broker",
-        format!("client_id = \"imaged-bench-{:016x}\"", fastrand::u64(..)),
-    );
-    add(
-        "storage",
-        format!("dir = \"{}\"", dir.join("images").display()),
-    );
-    add("log", "level = \"warn\"".into());
-    let mut text = String::new();
-    for (name, lines) in &sections {
-        let extra: Vec<String> = sets
-            .iter()
-            .filter(|(s, _, _)| s == name)
-            .map(|(_, k, v)| format!("{k} = {v}"))
-            .collect();
-        text += &format!("[{name}]\n{}\n{}\n", lines.join("\n"), extra.join("\n"));
+    let client_id = format!("imaged-bench-{:016x}", fastrand::u64(..));
+    let mut config = ImagedConfig::new(port, dir, &client_id);
+    config.set("log", "level", "\"warn\"");
+    for (section, key, value) in sets {
+        config.set(section, key, value);
     }
-    for (s, k, v) in sets {
-        if !sections.contains_key(s.as_str()) {
-            text += &format!("[{s}]\n{k} = {v}\n");
-        }
-    }
-    text
+    config.text()
 }
 
 pub struct Imaged {
@@ -208,7 +187,7 @@ impl FileCheck {
 
 /// Reads every `*.jpg` in `dir` and checks it against images `0..sent` of `gen`.
 pub fn check_files(dir: &Path, gen: &Gen, sent: u64) -> FileCheck {
-    let mut seen = vec![0u32; sent as usize];
+    let mut seen = vec![0u32; usize::try_from(sent).expect("a count of images in memory")];
     let mut c = FileCheck::default();
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
@@ -221,7 +200,7 @@ pub fn check_files(dir: &Path, gen: &Gen, sent: u64) -> FileCheck {
                 continue;
             };
             match gen.check(&bytes) {
-                Ok(seq) if seq < sent => seen[seq as usize] += 1,
+                Ok(seq) if seq < sent => seen[usize::try_from(seq).expect("below sent")] += 1,
                 Ok(_) | Err(Bad::Corrupt(_)) => c.corrupt += 1,
                 Err(Bad::Foreign) => c.foreign += 1,
             }

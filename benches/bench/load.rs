@@ -105,7 +105,7 @@ impl Shared {
         let mut t = self.track.lock().unwrap();
         match checked {
             Ok(seq) => {
-                let i = seq as usize;
+                let i = usize::try_from(seq).unwrap_or(usize::MAX);
                 if i >= t.sent_at.len() {
                     t.corrupt += 1; // a sequence number never sent
                 } else if t.got[i] {
@@ -174,7 +174,7 @@ fn nodelay(el: &mut EventLoop) {
 impl LoadGen {
     /// Connects a subscriber on `sub_topic` (and waits for its SUBACK) and a publisher on `pub_topic`.
     pub fn connect(
-        rt: Arc<Runtime>,
+        rt: &Arc<Runtime>,
         port: u16,
         pub_topic: &str,
         sub_topic: &str,

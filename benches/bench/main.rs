@@ -14,6 +14,8 @@
 //! `cargo test --all-targets` runs this binary without arguments: it then does nothing.
 
 mod broker;
+#[path = "../../tests/common/mod.rs"]
+mod common;
 mod daemon;
 mod disk;
 mod forwarder;
@@ -31,7 +33,6 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 
-use crate::broker::Mosquitto;
 use crate::daemon::Imaged;
 use crate::forwarder::{STORED, UPLOAD};
 use crate::load::{LoadGen, Phase, PhaseResult, Stop};
@@ -135,6 +136,10 @@ fn parse_size(s: &str) -> Result<usize, String> {
         .trim()
         .parse()
         .map_err(|_| format!("not a size: {s}"))?;
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a float to integer `as` saturates, and the size is the user's own"
+    )]
     let size = (n * unit as f64) as usize;
     if size < 64 {
         return Err("sizes start at 64 bytes".into());
@@ -286,11 +291,27 @@ fn measure_mqtt(ctx: &Ctx, gen: &Gen, kind: Kind, run: usize) -> Measure {
     m
 }
 
-fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, kind: Kind, m: &mut Measure) -> Result<(), String> {
-    let scratch = ctx.scratch(&kind.label().replace(' ', "-"))?;
-    let broker = Mosquitto::start(&scratch.path().join("broker"))?;
-    let port = broker.port;
-    let mut running = match kind {
+/// Latency one image at a time; every image must come back.
+fn unloaded_phase(ctx: &Ctx, lg: &LoadGen, gen: &Gen, m: &mut Measure) -> Result<(), String> {
+    let u = lg.run(ctx.unloaded(gen.size()));
+    m.u50 = percentile(&u.latencies_ms, 0.50);
+    m.u99 = percentile(&u.latencies_ms, 0.99);
+    if let Some(f) = u.failure {
+        return Err(format!("unloaded phase: {f}"));
+    }
+    if u.lost() > 0 {
+        return Err(format!(
+            "unloaded phase: {} of {} images never came back",
+            u.lost(),
+            u.sent
+        ));
+    }
+    Ok(())
+}
+
+/// Starts what is measured, on the broker at `port`.
+fn start_subject(ctx: &Ctx, kind: Kind, port: u16, scratch: &Path) -> Result<Running, String> {
+    Ok(match kind {
         Kind::Loop => Running::None,
         Kind::Forwarder => {
             let acks = match ctx.args.forwarder_acks {
@@ -308,7 +329,7 @@ fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, kind: Kind, m: &mut Measure) -> Resul
         }
         Kind::Imaged => Running::Imaged(Box::new(Imaged::start(
             &ctx.imaged,
-            &scratch.path().join("imaged"),
+            &scratch.join("imaged"),
             port,
             &ctx.sets,
         )?)),
@@ -316,13 +337,59 @@ fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, kind: Kind, m: &mut Measure) -> Resul
             &ctx.args.python,
             &ctx.original,
             port,
-            scratch.path(),
+            scratch,
             qos,
         )?),
-    };
+    })
+}
+
+/// What the subject left behind: imaged's files and warnings, the original's survivors.
+fn check_subject(
+    running: &mut Running,
+    gen: &Gen,
+    r: &PhaseResult,
+    sent: u64,
+    m: &mut Measure,
+    problems: &mut Vec<String>,
+) {
+    match running {
+        Running::Imaged(d) => {
+            if let Err(e) = d.stop() {
+                problems.push(e);
+            }
+            let files = daemon::check_files(&d.images, gen, sent);
+            if !files.ok() {
+                problems.push(format!(
+                    "files: {} of {} sent images missing, {} corrupt",
+                    files.missing, sent, files.corrupt
+                ));
+            }
+            if files.duplicates > 0 {
+                m.notes
+                    .push(format!("{} images stored twice", files.duplicates));
+            }
+            let warnings = d.log().lines().filter(|l| !l.trim().is_empty()).count();
+            if warnings > 0 {
+                m.notes
+                    .push(format!("{warnings} log lines at warn or above"));
+            }
+        }
+        Running::Original(o) => {
+            let (_, intact) = o.survivors(gen);
+            m.survived = Some((r.sent, intact));
+        }
+        _ => {}
+    }
+}
+
+fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, kind: Kind, m: &mut Measure) -> Result<(), String> {
+    let scratch = ctx.scratch(&kind.label().replace(' ', "-"))?;
+    let broker = broker::start();
+    let port = broker.port;
+    let mut running = start_subject(ctx, kind, port, scratch.path())?;
     let pid = running.pid();
     let sub_topic = if kind == Kind::Loop { UPLOAD } else { STORED };
-    let lg = LoadGen::connect(ctx.rt.clone(), port, UPLOAD, sub_topic, gen.clone())?;
+    let lg = LoadGen::connect(&ctx.rt, port, UPLOAD, sub_topic, gen.clone())?;
     if kind != Kind::Imaged && !lg.probe(Duration::from_secs(30)) {
         return Err(format!(
             "{} did not pass a probe image on within 30s",
@@ -333,23 +400,10 @@ fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, kind: Kind, m: &mut Measure) -> Resul
         std::thread::sleep(Duration::from_millis(500));
         m.idle_rss_kib = procfs::rss_kib(pid);
     }
-    let mut must_not_lose = true;
-    if matches!(kind, Kind::Original(_)) {
-        must_not_lose = false; // its losses are a finding about it, not a failure of the bench
-    } else {
-        let u = lg.run(ctx.unloaded(gen.size()));
-        m.u50 = percentile(&u.latencies_ms, 0.50);
-        m.u99 = percentile(&u.latencies_ms, 0.99);
-        if let Some(f) = u.failure {
-            return Err(format!("unloaded phase: {f}"));
-        }
-        if u.lost() > 0 {
-            return Err(format!(
-                "unloaded phase: {} of {} images never came back",
-                u.lost(),
-                u.sent
-            ));
-        }
+    // The original's losses are a finding about it, not a failure of the bench.
+    let must_not_lose = !matches!(kind, Kind::Original(_));
+    if must_not_lose {
+        unloaded_phase(ctx, &lg, gen, m)?;
     }
     if let Some(pid) = pid {
         procfs::reset_peak_rss(pid);
@@ -411,42 +465,17 @@ fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, kind: Kind, m: &mut Measure) -> Resul
     for e in &totals.errors {
         m.notes.push(format!("client error: {e}"));
     }
-    match &mut running {
-        Running::Imaged(d) => {
-            if let Err(e) = d.stop() {
-                problems.push(e);
-            }
-            let files = daemon::check_files(&d.images, gen, totals.sent);
-            if !files.ok() {
-                problems.push(format!(
-                    "files: {} of {} sent images missing, {} corrupt",
-                    files.missing, totals.sent, files.corrupt
-                ));
-            }
-            if files.duplicates > 0 {
-                m.notes
-                    .push(format!("{} images stored twice", files.duplicates));
-            }
-            let warnings = d.log().lines().filter(|l| !l.trim().is_empty()).count();
-            if warnings > 0 {
-                m.notes
-                    .push(format!("{warnings} log lines at warn or above"));
-            }
-        }
-        Running::Original(o) => {
-            let (_, intact) = o.survivors(gen);
-            m.survived = Some((r.sent, intact));
-        }
-        _ => {}
-    }
+    check_subject(&mut running, gen, &r, totals.sent, m, &mut problems);
     if broker.log().contains("dropped") {
         m.notes.push("the broker dropped messages".into());
     }
     lg.close();
     drop(running);
+    let broker_log = broker.log();
     drop(broker);
     if ctx.args.keep {
         let kept = scratch.keep();
+        let _ = std::fs::write(kept.join("mosquitto.log"), broker_log);
         eprintln!("    kept {}", kept.display());
     }
     if problems.is_empty() {
@@ -683,20 +712,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn bench(args: Args) -> Result<bool, String> {
-    let me = std::env::current_exe().map_err(|e| e.to_string())?;
-    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let imaged = args
-        .imaged
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_imaged")));
-    let original = args.original.clone().unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("benches/original/mqtt_image_store_and_forward.py")
-    });
-    let original_ok = original::available(&args.python, &original);
+/// `--imaged-set section.key=value`, as (section, key, value).
+fn parse_sets(given: &[String]) -> Result<Vec<(String, String, String)>, String> {
     let mut sets = Vec::new();
-    for s in &args.imaged_set {
+    for s in given {
         let (key, value) = s
             .split_once('=')
             .ok_or_else(|| format!("--imaged-set {s}: expected section.key=value"))?;
@@ -709,6 +728,127 @@ fn bench(args: Args) -> Result<bool, String> {
             value.trim().to_string(),
         ));
     }
+    Ok(sets)
+}
+
+/// Every subject asked for, at every size, `runs` times.
+fn measure_all(ctx: &Ctx, sizes: &[usize], runs: usize) -> Vec<Measure> {
+    let mut measures = Vec::new();
+    for &size in sizes {
+        for run in 1..=runs {
+            let gen = Gen::new(size);
+            let loaded = ctx.loaded(size);
+            eprintln!(
+                "{} run {run}/{runs} (window {}, {:?}):",
+                report::size_label(size),
+                loaded.window,
+                loaded.stop
+            );
+            let mut kinds = Vec::new();
+            if ctx.wants(Subject::Loop) {
+                kinds.push(Some(Kind::Loop));
+            }
+            if ctx.wants(Subject::Forwarder) {
+                kinds.push(Some(Kind::Forwarder));
+            }
+            if ctx.wants(Subject::Disk) {
+                kinds.push(None);
+            }
+            if ctx.wants(Subject::Imaged) {
+                kinds.push(Some(Kind::Imaged));
+            }
+            if ctx.wants(Subject::Original) && ctx.original_ok.is_ok() {
+                kinds.push(Some(Kind::Original(0)));
+                kinds.push(Some(Kind::Original(1)));
+            }
+            for kind in kinds {
+                let m = match kind {
+                    Some(kind) => measure_mqtt(ctx, &gen, kind, run),
+                    None => measure_disk(ctx, &gen, run),
+                };
+                progress(&m);
+                measures.push(m);
+            }
+        }
+    }
+    measures
+}
+
+/// The report, and the measurements that failed.
+fn report_text(
+    ctx: &Ctx,
+    head: &str,
+    sizes: &[usize],
+    runs: usize,
+    measures: &[Measure],
+    started: Instant,
+) -> (String, Vec<String>) {
+    let summaries = report::summarize(measures);
+    let mut bounds = BTreeMap::new();
+    let mut bound_text = String::from(
+        "Memory bound (README, \"Memory\"): RSS <= 2 x limits.inflight_bytes + 10 x storage.max_image_bytes + 32 MiB",
+    );
+    for &size in sizes {
+        let (documented, at_size) = daemon::memory_bound(&ctx.config, size);
+        bounds.insert(size, documented / 1024);
+        bound_text += &format!(
+            "; {}: {:.0} MiB (with the image size in place of max_image_bytes: {:.0} MiB)",
+            report::size_label(size),
+            documented as f64 / (1 << 20) as f64,
+            at_size as f64 / (1 << 20) as f64
+        );
+    }
+    bound_text += ".\n";
+    let failures: Vec<String> = measures
+        .iter()
+        .filter_map(|m| {
+            m.failure.as_ref().map(|f| {
+                format!(
+                    "{} {} run {}: {f}",
+                    report::size_label(m.size),
+                    m.subject,
+                    m.run
+                )
+            })
+        })
+        .collect();
+    let mut text = format!(
+        "# imaged benchmark\n\n{head}- {} run(s) per size, medians; {:.0} s in all; load average at the end: {}\n\n",
+        runs,
+        started.elapsed().as_secs_f64(),
+        read("/proc/loadavg").trim()
+    );
+    if let (true, Err(e)) = (ctx.wants(Subject::Original), &ctx.original_ok) {
+        text += &format!("The original was not measured: {e}.\n\n");
+    }
+    text += "## Figures\n\n";
+    text += &report::figures_table(sizes, &summaries);
+    text += "\n## imaged against the limits\n\n";
+    text += &report::targets_table(sizes, &summaries, &bounds);
+    text += "\n";
+    text += &bound_text;
+    if !failures.is_empty() {
+        text += "\n## FAILED\n\n";
+        for f in &failures {
+            text += &format!("- {f}\n");
+        }
+    }
+    (text, failures)
+}
+
+fn bench(args: Args) -> Result<bool, String> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let imaged = args
+        .imaged
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_imaged")));
+    let original = args.original.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("benches/original/mqtt_image_store_and_forward.py")
+    });
+    let original_ok = original::available(&args.python, &original);
+    let sets = parse_sets(&args.imaged_set)?;
     // The effective config imaged runs with (its defaults plus ours), for the writers and the memory bound.
     let probe_dir = tempfile::tempdir_in(&base).map_err(|e| e.to_string())?;
     let probe_path = probe_dir.path().join("imaged.toml");
@@ -760,94 +900,8 @@ fn bench(args: Args) -> Result<bool, String> {
         eprintln!("original: SKIP: {e}");
     }
     let started = Instant::now();
-    let mut measures = Vec::new();
-    for &size in &sizes {
-        for run in 1..=runs {
-            let gen = Gen::new(size);
-            let loaded = ctx.loaded(size);
-            eprintln!(
-                "{} run {run}/{runs} (window {}, {:?}):",
-                report::size_label(size),
-                loaded.window,
-                loaded.stop
-            );
-            let mut kinds = Vec::new();
-            if ctx.wants(Subject::Loop) {
-                kinds.push(Some(Kind::Loop));
-            }
-            if ctx.wants(Subject::Forwarder) {
-                kinds.push(Some(Kind::Forwarder));
-            }
-            if ctx.wants(Subject::Disk) {
-                kinds.push(None);
-            }
-            if ctx.wants(Subject::Imaged) {
-                kinds.push(Some(Kind::Imaged));
-            }
-            if ctx.wants(Subject::Original) && ctx.original_ok.is_ok() {
-                kinds.push(Some(Kind::Original(0)));
-                kinds.push(Some(Kind::Original(1)));
-            }
-            for kind in kinds {
-                let m = match kind {
-                    Some(kind) => measure_mqtt(&ctx, &gen, kind, run),
-                    None => measure_disk(&ctx, &gen, run),
-                };
-                progress(&m);
-                measures.push(m);
-            }
-        }
-    }
-    let summaries = report::summarize(&measures);
-    let mut bounds = BTreeMap::new();
-    let mut bound_text = String::from(
-        "Memory bound (README, \"Memory\"): RSS <= 2 x limits.inflight_bytes + 10 x storage.max_image_bytes + 32 MiB",
-    );
-    for &size in &sizes {
-        let (documented, at_size) = daemon::memory_bound(&ctx.config, size);
-        bounds.insert(size, documented / 1024);
-        bound_text += &format!(
-            "; {}: {:.0} MiB (with the image size in place of max_image_bytes: {:.0} MiB)",
-            report::size_label(size),
-            documented as f64 / (1 << 20) as f64,
-            at_size as f64 / (1 << 20) as f64
-        );
-    }
-    bound_text += ".\n";
-    let failures: Vec<String> = measures
-        .iter()
-        .filter_map(|m| {
-            m.failure.as_ref().map(|f| {
-                format!(
-                    "{} {} run {}: {f}",
-                    report::size_label(m.size),
-                    m.subject,
-                    m.run
-                )
-            })
-        })
-        .collect();
-    let mut text = format!(
-        "# imaged benchmark\n\n{head}- {} run(s) per size, medians; {:.0} s in all; load average at the end: {}\n\n",
-        runs,
-        started.elapsed().as_secs_f64(),
-        read("/proc/loadavg").trim()
-    );
-    if let (true, Err(e)) = (ctx.wants(Subject::Original), &ctx.original_ok) {
-        text += &format!("The original was not measured: {e}.\n\n");
-    }
-    text += "## Figures\n\n";
-    text += &report::figures_table(&sizes, &summaries);
-    text += "\n## imaged against the limits\n\n";
-    text += &report::targets_table(&sizes, &summaries, &bounds);
-    text += "\n";
-    text += &bound_text;
-    if !failures.is_empty() {
-        text += "\n## FAILED\n\n";
-        for f in &failures {
-            text += &format!("- {f}\n");
-        }
-    }
+    let measures = measure_all(&ctx, &sizes, runs);
+    let (text, failures) = report_text(&ctx, &head, &sizes, runs, &measures, started);
     println!("{text}");
     let out = ctx
         .args

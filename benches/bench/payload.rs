@@ -62,7 +62,7 @@ impl Gen {
 
     fn body(&self, seq: u64) -> &[u8] {
         let room = (self.pool.len() - self.body_len() + 1) as u64;
-        let at = (mix(seq ^ self.nonce) % room) as usize;
+        let at = usize::try_from(mix(seq ^ self.nonce) % room).expect("below the pool's length");
         &self.pool[at..at + self.body_len()]
     }
 

@@ -46,6 +46,10 @@ pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
     if sorted.is_empty() {
         return None;
     }
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "a float to integer `as` saturates, and the rank is clamped to the list"
+    )]
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     Some(sorted[rank - 1])
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 fn now_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
 }
 
 const IDLE: u64 = 0;

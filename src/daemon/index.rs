@@ -518,7 +518,7 @@ mod tests {
         fn any_bytes_replay_without_panic_and_every_accepted_record_round_trips(log in proptest::collection::vec(proptest::num::u8::ANY, 0..2000)) {
             let replayed = replay(&log[..]).unwrap();
             proptest::prop_assert!(replayed.good_len <= log.len() as u64);
-            for line in log[..replayed.good_len as usize].split(|b| *b == b'\n') {
+            for line in log[..usize::try_from(replayed.good_len).unwrap()].split(|b| *b == b'\n') {
                 if let Some(record) = Record::decode(line) {
                     let encoded = record.encode();
                     proptest::prop_assert_eq!(encoded.trim_end().as_bytes(), line);
@@ -531,7 +531,7 @@ mod tests {
             n in 1usize..20, cut in proptest::num::usize::ANY, flip in proptest::num::usize::ANY,
         ) {
             let records: Vec<Record> = (0..n)
-                .map(|i| Record::Stored { hash: [i as u8; 32], size: i as u64, name: format!("{i}.jpg"), confirmed: false })
+                .map(|i| Record::Stored { hash: [u8::try_from(i).unwrap(); 32], size: i as u64, name: format!("{i}.jpg"), confirmed: false })
                 .collect();
             let mut log: Vec<u8> = records.iter().flat_map(|r| r.encode().into_bytes()).collect();
             log.truncate(cut % (log.len() + 1));

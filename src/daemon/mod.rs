@@ -70,7 +70,8 @@ async fn serve(config: Config) -> Result<(), Error> {
         config.storage.dir.display()
     );
     let limits = &config.limits;
-    let inflight = limits.inflight_images.min(u16::MAX as usize - 16) as u16;
+    let inflight = u16::try_from(limits.inflight_images.min(usize::from(u16::MAX) - 16))
+        .expect("bounded to fit");
     let (client, eventloop) = mqtt::connect(
         &config.broker,
         config.client_id(),

@@ -327,6 +327,10 @@ struct Committer {
 const MAX_DRAIN: usize = 4096;
 
 impl Committer {
+    #[expect(
+        clippy::needless_pass_by_value,
+        reason = "the committer's thread owns its inbox"
+    )]
     fn run(mut self, inbox: mpsc::Receiver<Inbox>) {
         loop {
             let wait = self.retry_at.map_or(Duration::from_secs(1), |t| {
@@ -381,7 +385,7 @@ impl Committer {
                     Ok(temp) => slot.bytes = Stage::Temp(temp),
                     Err(e) => {
                         slot.bytes = Stage::Held;
-                        self.failed(e);
+                        self.failed(&e);
                     }
                 }
             }
@@ -457,7 +461,7 @@ impl Committer {
         }
     }
 
-    fn failed(&mut self, e: PathError) {
+    fn failed(&mut self, e: &PathError) {
         if self.trouble.is_none() {
             error!("Storage is failing: {e}. Holding back acknowledgements (the broker keeps the images) and retrying");
             self.health
@@ -491,7 +495,7 @@ impl Committer {
                     self.release_held();
                 }
             }
-            Err(e) => self.failed(e),
+            Err(e) => self.failed(&e),
         }
     }
 
@@ -576,7 +580,7 @@ impl Committer {
         }
         for seq in &ready {
             let slot = self.slots.remove(seq).expect("ready slots exist");
-            self.settle(slot);
+            self.settle(&slot);
         }
         Ok(ready.len())
     }
@@ -636,7 +640,7 @@ impl Committer {
     }
 
     /// Logs the outcome of one upload, queues its republish, and lets the session acknowledge it.
-    fn settle(&mut self, slot: Slot) {
+    fn settle(&mut self, slot: &Slot) {
         let stats = &self.health.stats;
         let bytes = slot.payload.len();
         let topic = crate::topic::topic_for_log(&slot.topic);

@@ -69,7 +69,7 @@ pub fn connect(
 /// Our own window bounds what is in flight, so rumqttc gets 16 times as many ids, and the ids cannot wrap
 /// onto one still in use.
 pub fn packet_id_space(window: u16) -> u16 {
-    (window.max(1) as u32 * 16).clamp(1024, u16::MAX as u32) as u16
+    u16::try_from((u32::from(window.max(1)) * 16).max(1024)).unwrap_or(u16::MAX)
 }
 
 #[cfg(test)]

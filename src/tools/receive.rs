@@ -43,7 +43,7 @@ impl Error {
     }
 }
 
-pub fn run(mut config: Config, args: ReceiveArgs) -> Result<(), Error> {
+pub fn run(mut config: Config, args: &ReceiveArgs) -> Result<(), Error> {
     args.target.apply(&mut config);
     let topic = args
         .target

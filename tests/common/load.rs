@@ -55,7 +55,9 @@ async fn publish(
     let mut options = MqttOptions::new(format!("load-{}", fastrand::u64(..)), "127.0.0.1", port);
     options.set_max_packet_size(64 << 20, 64 << 20);
     options.set_keep_alive(Duration::from_secs(5));
-    options.set_inflight(imaged::mqtt::packet_id_space(window as u16));
+    options.set_inflight(imaged::mqtt::packet_id_space(
+        u16::try_from(window).unwrap_or(u16::MAX),
+    ));
     let (client, eventloop) = AsyncClient::new(options, 64);
     let mut events = imaged::mqtt::events(eventloop, 64 << 20);
     let mut acked = vec![false; images.len()];

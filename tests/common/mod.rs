@@ -3,13 +3,14 @@
 
 #![allow(dead_code)]
 
+pub mod config;
 pub mod load;
+pub mod mosquitto;
 pub mod scenarios;
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+// Each test binary uses its own part of the harness.
+#[allow(unused_imports)]
+pub use config::ImagedConfig;
+#[allow(unused_imports)]
+pub use mosquitto::{free_port, require_mosquitto, Broker, BrokerOptions};
 
 pub type Hash = [u8; 32];
 
@@ -142,27 +149,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Config for `port`, with `extra` TOML appended. A section that `extra` has replaces the default one;
-    /// `{dir}` in `extra` stands for the daemon's scratch folder (images in `{dir}/images` stay where
-    /// [`Daemon::stored`] looks).
+    /// Config for `port`, with the keys of `extra` (TOML) set over the defaults. `{dir}` in `extra` stands
+    /// for the daemon's scratch folder (images in `{dir}/images` stay where [`Daemon::stored`] looks).
     pub fn config_text(port: u16, dir: &Path, client_id: &str, extra: &str) -> String {
-        let has = |section: &str| extra.contains(&format!("[{section}]"));
-        let mut text = String::new();
-        if !has("broker") {
-            text += &format!(
-                "[broker]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"{client_id}\"\nkeep_alive_secs = 5\n"
-            );
-        }
-        if !has("storage") {
-            text += &format!("[storage]\ndir = \"{}/images\"\n", dir.display());
-        }
+        let mut config = ImagedConfig::new(port, dir, client_id);
+        config.set("broker", "keep_alive_secs", "5");
         // IMAGED_TEST_LOG=debug: a more talkative daemon, for a look at a failing scenario.
         if let Ok(level) = std::env::var("IMAGED_TEST_LOG") {
-            if !has("log") {
-                text += &format!("[log]\nlevel = \"{level}\"\n");
-            }
+            config.set("log", "level", &format!("\"{level}\""));
         }
-        text + &extra.replace("{dir}", &dir.display().to_string())
+        config
+            .merge(&extra.replace("{dir}", &dir.display().to_string()))
+            .text()
     }
 
     pub fn start(broker: &Broker) -> Daemon {

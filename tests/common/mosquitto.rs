@@ -220,4 +220,3 @@ impl Drop for Broker {
         self.kill9();
     }
 }
-
