@@ -302,3 +302,66 @@ fn receive_with_a_dir_keeps_every_image_under_its_own_name() {
         assert_eq!(got.get(&sha(image)), Some(&1));
     }
 }
+
+#[test]
+fn every_tool_warns_about_a_password_file_every_user_can_read_and_log_level_quiets_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let broker = Broker::start();
+    let dir = scratch();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "secret\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = dir.path().join("imaged.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nhost = \"127.0.0.1\"\nport = {}\nusername = \"cam\"\npassword_file = \"{}\"\n",
+            broker.port,
+            password.display()
+        ),
+    )
+    .unwrap();
+    let image = dir.path().join("a.jpg");
+    std::fs::write(&image, jpeg(7, 2000)).unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let out = Command::new(imaged_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        text(&out)
+    };
+    let warning = "is readable by every user on this host";
+    let image_arg = image.to_str().unwrap();
+    for args in [
+        vec!["send", image_arg],
+        vec!["check-config"],
+        vec!["receive", "--count", "1", "--topic", "nothing/comes/here"],
+    ] {
+        // receive would wait for an image: it gets a moment to log, then the test moves on.
+        let out = if args[0] == "receive" {
+            let mut child = Command::new(imaged_bin())
+                .arg("--config")
+                .arg(&config)
+                .args(&args)
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            let _ = child.kill();
+            text(&child.wait_with_output().unwrap())
+        } else {
+            run(&args, &[])
+        };
+        assert!(out.contains(warning), "imaged {args:?}:\n{out}");
+    }
+    assert!(!run(&["--log-level", "error", "send", image_arg], &[]).contains(warning));
+    assert!(!run(&["send", image_arg], &[("RUST_LOG", "error")]).contains(warning));
+}

@@ -15,7 +15,8 @@ fn now_ms() -> u64 {
 
 const IDLE: u64 = 0;
 
-/// One part's sign of life: when it last showed it, or that it is idle.
+/// One part's sign of life: when it last showed it (ms since start), or that it is idle. Set by the part's
+/// own thread, read by the watchdog task.
 #[derive(Debug, Default)]
 pub struct Beat(AtomicU64);
 
@@ -46,13 +47,18 @@ pub fn tick_period() -> Duration {
     (watchdog / 8).clamp(Duration::from_millis(10), Duration::from_millis(500))
 }
 
-/// Counters for the status line.
+/// Counters for the status line: written by the session and the committer, read by the systemd task and
+/// the memory trimmer.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Set by the session while it has a connection.
     pub connected: AtomicBool,
+    /// Images stored, duplicates of stored ones, and payloads rejected (quarantined or refused): the
+    /// committer's.
     pub stored: AtomicU64,
     pub duplicates: AtomicU64,
     pub rejected: AtomicU64,
+    /// Republishes the broker confirmed: the session's.
     pub republished: AtomicU64,
     /// Unix time in ms of the last stored image; 0 before the first.
     pub last_image_ms: AtomicU64,
@@ -69,6 +75,7 @@ impl Stats {
 /// The shared view: every part's beat and the counters.
 #[derive(Debug, Default)]
 pub struct Health {
+    /// Each part registers once at start; the watchdog task reads them all.
     beats: std::sync::Mutex<Vec<(String, Arc<Beat>)>>,
     pub stats: Stats,
 }

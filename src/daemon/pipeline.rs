@@ -100,6 +100,7 @@ pub struct Settings {
 
 /// The running pipeline.
 pub struct Pipeline {
+    /// To the committer, from the session (uploads, confirmations) and the writers.
     pub inbox: mpsc::Sender<Inbox>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -142,18 +143,17 @@ impl Pipeline {
             quarantine_dirty: false,
             trouble: None,
             retry_at: None,
-            republish: replay
-                .into_iter()
-                .map(|(hash, name)| Republish {
-                    hash,
-                    name,
-                    payload: None,
-                })
-                .collect(),
-            queued_bytes: 0,
-            outstanding: HashMap::new(),
-            outstanding_bytes: 0,
-            confirmed: Vec::new(),
+            republishes: Republishes {
+                queue: replay
+                    .into_iter()
+                    .map(|(hash, name)| Republish {
+                        hash,
+                        name,
+                        payload: None,
+                    })
+                    .collect(),
+                ..Republishes::default()
+            },
             settings,
         };
         threads.push(spawn("committer".into(), move || committer.run(inbox_rx)));
@@ -185,8 +185,11 @@ struct Job {
     quarantine: bool,
 }
 
+/// A writer thread's own state.
 struct Writer {
+    /// Shared by all writers: whoever is free takes the next job.
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    /// To the committer: hashed, then written.
     inbox: mpsc::Sender<Inbox>,
     beat: Arc<Beat>,
     image_dir: PathBuf,
@@ -258,7 +261,9 @@ enum Decision {
     Duplicate,
 }
 
+/// One upload on its way through the committer.
 struct Slot {
+    /// The connection it came on: its ack is only valid there.
     gen: u64,
     pkid: u16,
     qos: QoS,
@@ -266,6 +271,7 @@ struct Slot {
     at: DateTime<Utc>,
     payload: Bytes,
     kind: Kind,
+    /// Known once a writer has hashed it.
     hash: Option<Hash>,
     bytes: Stage,
     decision: Option<Decision>,
@@ -298,13 +304,32 @@ struct Trouble {
     backoff: Backoff,
 }
 
+/// Republishes on their way from the committer to the session, within one memory budget; what does not fit
+/// waits as an outbox entry in the index and is read back from its file when its turn comes.
+#[derive(Default)]
+struct Republishes {
+    /// Stored images not yet handed to the session, oldest first.
+    queue: VecDeque<Republish>,
+    /// Bytes of the payloads `queue` holds in memory.
+    queued_bytes: usize,
+    /// Handed to the session and not yet confirmed or lost: name and size.
+    outstanding: HashMap<Hash, (String, usize)>,
+    outstanding_bytes: usize,
+    /// Confirmed by the broker, not yet noted in the index.
+    confirmed: Vec<Hash>,
+}
+
+/// The committer's state; only its own thread touches it. Writers report over the inbox.
 struct Committer {
     settings: Settings,
     health: Arc<Health>,
     beat: Arc<Beat>,
     index: Index,
+    /// Work for the writers.
     jobs: mpsc::Sender<Job>,
+    /// To the session: acks and republishes.
     outcomes: UnboundedSender<Outcome>,
+    /// Uploads not yet settled, by arrival number: settled in this order.
     slots: BTreeMap<u64, Slot>,
     /// Images named but not yet settled, so an identical upload right behind is a duplicate.
     deciding: HashSet<Hash>,
@@ -313,14 +338,11 @@ struct Committer {
     /// Renames done whose folder has not been fsynced yet.
     images_dirty: bool,
     quarantine_dirty: bool,
+    /// Since when the disk has been failing.
     trouble: Option<Trouble>,
+    /// When to write the held uploads again; no commit is tried before.
     retry_at: Option<Instant>,
-    republish: VecDeque<Republish>,
-    queued_bytes: usize,
-    /// Republishes handed to the session and not yet confirmed or lost: name and size.
-    outstanding: HashMap<Hash, (String, usize)>,
-    outstanding_bytes: usize,
-    confirmed: Vec<Hash>,
+    republishes: Republishes,
 }
 
 /// How many messages one turn of the loop takes before it commits; bounds the latency of a group.
@@ -390,17 +412,17 @@ impl Committer {
                 }
             }
             Inbox::Confirmed(hash) => {
-                if let Some((_, bytes)) = self.outstanding.remove(&hash) {
-                    self.outstanding_bytes -= bytes;
+                if let Some((_, bytes)) = self.republishes.outstanding.remove(&hash) {
+                    self.republishes.outstanding_bytes -= bytes;
                 }
-                self.confirmed.push(hash);
+                self.republishes.confirmed.push(hash);
             }
             Inbox::Lost(lost) => {
                 for (hash, name) in lost.into_iter().rev() {
-                    if let Some((_, bytes)) = self.outstanding.remove(&hash) {
-                        self.outstanding_bytes -= bytes;
+                    if let Some((_, bytes)) = self.republishes.outstanding.remove(&hash) {
+                        self.republishes.outstanding_bytes -= bytes;
                     }
-                    self.republish.push_front(Republish {
+                    self.republishes.queue.push_front(Republish {
                         hash,
                         name,
                         payload: None,
@@ -657,13 +679,14 @@ impl Committer {
                     .last_image_ms
                     .store(super::systemd::unix_ms(), Ordering::Relaxed);
                 // Queued and outstanding republishes share one memory budget; beyond it, the outbox on disk.
-                let fits = self.queued_bytes + self.outstanding_bytes + bytes
-                    <= self.settings.republish_bytes;
+                let fits =
+                    self.republishes.queued_bytes + self.republishes.outstanding_bytes + bytes
+                        <= self.settings.republish_bytes;
                 if fits {
-                    self.queued_bytes += bytes;
+                    self.republishes.queued_bytes += bytes;
                 }
                 let payload = fits.then(|| slot.payload.clone());
-                self.republish.push_back(Republish {
+                self.republishes.queue.push_back(Republish {
                     hash,
                     name: name.clone(),
                     payload,
@@ -705,16 +728,16 @@ impl Committer {
 
     /// Hands queued republishes to the session while the bounds allow.
     fn pump_republish(&mut self) {
-        while self.outstanding.len() < self.settings.republish_images
-            && self.outstanding_bytes < self.settings.republish_bytes
+        while self.republishes.outstanding.len() < self.settings.republish_images
+            && self.republishes.outstanding_bytes < self.settings.republish_bytes
         {
-            let Some(item) = self.republish.pop_front() else {
+            let Some(item) = self.republishes.queue.pop_front() else {
                 return;
             };
             if let Some(payload) = &item.payload {
-                self.queued_bytes -= payload.len();
+                self.republishes.queued_bytes -= payload.len();
             }
-            if self.outstanding.contains_key(&item.hash) {
+            if self.republishes.outstanding.contains_key(&item.hash) {
                 continue;
             }
             let payload = match item.payload {
@@ -728,14 +751,15 @@ impl Committer {
                                 "Cannot republish {}: {e}; it is no longer in the store",
                                 path.display()
                             );
-                            self.confirmed.push(item.hash);
+                            self.republishes.confirmed.push(item.hash);
                             continue;
                         }
                     }
                 }
             };
-            self.outstanding_bytes += payload.len();
-            self.outstanding
+            self.republishes.outstanding_bytes += payload.len();
+            self.republishes
+                .outstanding
                 .insert(item.hash, (item.name.clone(), payload.len()));
             let _ = self.outcomes.send(Outcome::Republish {
                 hash: item.hash,
@@ -746,14 +770,14 @@ impl Committer {
     }
 
     fn flush_confirmed(&mut self) {
-        if self.confirmed.is_empty() {
+        if self.republishes.confirmed.is_empty() {
             return;
         }
-        if let Err(e) = self.index.record_confirmed(&self.confirmed) {
+        if let Err(e) = self.index.record_confirmed(&self.republishes.confirmed) {
             // Only costs a second republish of these after a restart.
             debug!("cannot note confirmed republishes: {e}");
         }
-        self.confirmed.clear();
+        self.republishes.confirmed.clear();
     }
 }
 

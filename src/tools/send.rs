@@ -19,7 +19,7 @@ use crate::cli::SendArgs;
 use crate::config::{Config, ConfigError};
 use crate::exit::Exit;
 use crate::mqtt::{self, PublishWindow, Role};
-use crate::storage;
+use crate::storage::{self, Context, PathError, Rejection};
 use crate::topic::check_topic_name;
 
 /// How long a connection that was up may stay down before `send` gives up on what is left.
@@ -361,20 +361,37 @@ fn expand(args: &[PathBuf], failed: &mut u64) -> Vec<PathBuf> {
     files
 }
 
+/// Why a file was not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{0}")]
+    Read(#[from] PathError),
+    #[error("{} is {bytes} bytes, over the limit of {max} (storage.max_image_bytes)", path.display())]
+    TooLarge {
+        path: PathBuf,
+        bytes: u64,
+        max: usize,
+    },
+    #[error("{}: {why}", path.display())]
+    NotAnImage { path: PathBuf, why: Rejection },
+}
+
 /// Reads a file and checks it the way imaged will: a JPEG within the size limit.
-pub fn read_image(path: &Path, max_bytes: usize) -> Result<Bytes, String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if meta.len() > max_bytes as u64 {
-        return Err(format!(
-            "{} is {} bytes, over the limit of {max_bytes} (storage.max_image_bytes)",
-            path.display(),
-            meta.len()
-        ));
+pub fn read_image(path: &Path, max_bytes: usize) -> Result<Bytes, FileError> {
+    let bytes = std::fs::metadata(path).at("read", path)?.len();
+    if bytes > max_bytes as u64 {
+        return Err(FileError::TooLarge {
+            path: path.into(),
+            bytes,
+            max: max_bytes,
+        });
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    storage::check_image(&bytes, max_bytes).map_err(|why| format!("{}: {why}", path.display()))?;
-    Ok(Bytes::from(bytes))
+    let payload = std::fs::read(path).at("read", path)?;
+    storage::check_image(&payload, max_bytes).map_err(|why| FileError::NotAnImage {
+        path: path.into(),
+        why,
+    })?;
+    Ok(Bytes::from(payload))
 }
 
 /// Finds new JPEG files in a camera's drop folder, each once, when it is complete: its size and mtime held
@@ -474,14 +491,17 @@ mod tests {
         std::fs::write(&text, b"hello").unwrap();
         assert!(read_image(&text, 100)
             .unwrap_err()
+            .to_string()
             .contains("notes.txt: not a JPEG"));
         let big = dir.path().join("big.jpg");
         std::fs::write(&big, [0xFF, 0xD8, 0xFF, 0, 0, 0xFF, 0xD9]).unwrap();
         assert!(read_image(&big, 5)
             .unwrap_err()
+            .to_string()
             .contains("big.jpg is 7 bytes, over the limit of 5"));
         assert!(read_image(&dir.path().join("missing.jpg"), 5)
             .unwrap_err()
+            .to_string()
             .contains("cannot read"));
     }
 }
