@@ -114,16 +114,22 @@ pub struct Ledger {
     pub lost: Vec<String>,
     /// Images stored in more than one file.
     pub duplicated: usize,
+    /// Republishes the broker confirmed to imaged but never delivered to the observer: a broker killed with
+    /// -9 between its PUBACK and its next database save loses them. The broker's loss, not imaged's.
+    pub lost_by_broker: usize,
     /// Visible `.jpg` files that are not byte-identical to any image sent.
     pub partial: usize,
 }
 
 impl Ledger {
+    /// `republished` is what the observer saw on the stored topic; `confirmed`, the republishes the broker
+    /// acknowledged to imaged.
     pub fn count(
         images: &[Vec<u8>],
         acked: &[bool],
         storage: &Path,
         republished: &HashMap<Hash, usize>,
+        confirmed: &HashSet<Hash>,
     ) -> Ledger {
         let stored = hashes_in(storage);
         let sent: HashSet<Hash> = images.iter().map(|i| sha(i)).collect();
@@ -140,9 +146,13 @@ impl Ledger {
                     .lost
                     .push(format!("image {i}: acknowledged, not stored"));
             } else if stored.contains_key(&hash) && !republished.contains_key(&hash) {
-                ledger
-                    .lost
-                    .push(format!("image {i}: stored, never republished"));
+                if confirmed.contains(&hash) {
+                    ledger.lost_by_broker += 1;
+                } else {
+                    ledger
+                        .lost
+                        .push(format!("image {i}: stored, never republished"));
+                }
             }
         }
         ledger.duplicated = stored.values().filter(|&&n| n > 1).map(|n| n - 1).sum();

@@ -2,6 +2,7 @@
 //! came out. `tests/faults.rs` runs each at CI size and asserts a clean ledger; `benches/torture.rs` runs them
 //! at scale and prints the table for docs/RELIABILITY.md.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -48,7 +49,13 @@ pub fn settle(
 ) -> Ledger {
     let start = Instant::now();
     loop {
-        let ledger = Ledger::count(images, acked, &daemon.images, &observer.seen());
+        let ledger = Ledger::count(
+            images,
+            acked,
+            &daemon.images,
+            &observer.seen(),
+            &confirmed_republishes(daemon),
+        );
         if ledger.lost.is_empty() || start.elapsed() > Duration::from_secs(90) {
             if !ledger.lost.is_empty() {
                 let keep = tempfile::Builder::new()
@@ -65,6 +72,18 @@ pub fn settle(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// The images whose republish the broker acknowledged, by imaged's log (`Image re-published … name=N`).
+fn confirmed_republishes(daemon: &Daemon) -> HashSet<Hash> {
+    daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("Image re-published"))
+        .filter_map(|l| l.split("name=").nth(1)?.split_whitespace().next())
+        .filter_map(|name| std::fs::read(daemon.images.join(name)).ok())
+        .map(|bytes| sha(&bytes))
+        .collect()
 }
 
 /// Publishes in the background while `inject` runs; returns the acknowledgements. The broker takes the
@@ -583,7 +602,14 @@ pub fn table(runs: &[Run]) -> String {
     for run in &by_kind {
         out += &row(run.kind, run);
     }
-    out + &row(all.kind, &all)
+    out += &row(all.kind, &all);
+    if all.ledger.lost_by_broker > 0 {
+        out += &format!(
+            "\n{} republishes the broker confirmed were lost by the broker itself (killed before it saved them).\n",
+            all.ledger.lost_by_broker
+        );
+    }
+    out
 }
 
 impl Run {
@@ -596,5 +622,6 @@ impl Run {
         t.lost.extend(l.lost.iter().cloned());
         t.duplicated += l.duplicated;
         t.partial += l.partial;
+        t.lost_by_broker += l.lost_by_broker;
     }
 }
