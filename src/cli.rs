@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{Config, LogLevel};
+use crate::layout::Template;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -102,6 +103,10 @@ pub struct ReceiveArgs {
     /// Keep every image in DIR instead, never overwriting
     #[arg(long, short = 'd', value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// With --dir: where each image goes in DIR, as storage.path says (strftime fields, {camera} from the
+    /// levels the --topic filter's wildcards match) [default: image_%Y%m%d-%H%M%S.jpg]
+    #[arg(long, value_name = "TEMPLATE", requires = "dir", value_parser = Template::parse)]
+    pub path: Option<Template>,
     /// Exit after N images
     #[arg(long, short = 'n', value_name = "N")]
     pub count: Option<u64>,

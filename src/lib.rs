@@ -41,6 +41,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod exit;
+pub mod layout;
 pub mod logging;
 pub mod mqtt;
 mod storage;

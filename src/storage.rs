@@ -12,8 +12,15 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use tempfile::TempPath;
+
+use crate::layout::Template;
+
+/// Mode of the folders imaged creates: the service's group may read, nobody else.
+pub const DIR_MODE: u32 = 0o750;
 
 /// Prefix of files still being written; readers skip dot-files, and the start-up sweep removes them.
 pub const TEMP_PREFIX: &str = ".incoming-";
@@ -105,71 +112,66 @@ pub fn check_image(payload: &[u8], max_bytes: usize) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// The name of a stored image: the original's `image_YYYYMMDD-HHMMSS.jpg` in UTC (UTC so that names sort
-/// in time order and never repeat across a daylight-saving change), with `-N` when that name is taken.
-pub fn image_name(at: DateTime<Utc>, suffix: u32) -> String {
-    stamped_name("image_", at, suffix, ".jpg")
-}
-
-/// The name of a quarantined payload; `.bin` because it is not an image.
-pub fn quarantine_name(at: DateTime<Utc>, suffix: u32) -> String {
-    stamped_name("rejected_", at, suffix, ".bin")
-}
-
-fn stamped_name(prefix: &str, at: DateTime<Utc>, suffix: u32, ext: &str) -> String {
-    let stamp = at.format("%Y%m%d-%H%M%S");
-    if suffix == 0 {
-        format!("{prefix}{stamp}{ext}")
-    } else {
-        format!("{prefix}{stamp}-{suffix}{ext}")
-    }
-}
-
-/// Hands out names for one folder: within a second it counts up, so a burst costs one rename each instead of
-/// a probe through every taken name. `RENAME_NOREPLACE` stays the guard against files it does not know of.
+/// Hands out names from a template: within a second (when the template names the second) or for good
+/// (when it does not) it counts up, so a burst costs one rename each instead of a probe through every taken
+/// name. `RENAME_NOREPLACE` stays the guard against files it does not know of.
 #[derive(Debug)]
 pub struct Namer {
-    make: fn(DateTime<Utc>, u32) -> String,
+    template: Template,
+    per_second: bool,
     second: i64,
-    next_suffix: u32,
+    /// The next suffix for each name the template gave.
+    next_suffix: HashMap<String, u32>,
 }
 
+/// How many names a namer remembers when the template does not name the second; past that it starts over
+/// (and probes past the names already taken).
+const NAMES_REMEMBERED: usize = 10_000;
+
 impl Namer {
-    pub fn images() -> Namer {
+    pub fn new(template: Template) -> Namer {
         Namer {
-            make: image_name,
+            per_second: template.names_the_second(),
+            template,
             second: i64::MIN,
-            next_suffix: 0,
+            next_suffix: HashMap::new(),
         }
     }
 
+    /// Names of rejected payloads, `rejected_YYYYMMDD-HHMMSS[-N].bin`: `.bin` because they are no images.
     pub fn quarantine() -> Namer {
-        Namer {
-            make: quarantine_name,
-            second: i64::MIN,
-            next_suffix: 0,
-        }
+        Namer::new(Template::fixed("rejected_%Y%m%d-%H%M%S.bin"))
     }
 
-    /// The next name to try for an image that arrived at `at`.
-    pub fn next(&mut self, at: DateTime<Utc>) -> String {
-        if at.timestamp() != self.second {
+    /// The next name to try for an image from `camera` that arrived at `at`.
+    pub fn next(&mut self, at: DateTime<Utc>, camera: &str) -> String {
+        if self.per_second && at.timestamp() != self.second {
             self.second = at.timestamp();
-            self.next_suffix = 0;
+            self.next_suffix.clear();
         }
-        let name = (self.make)(at, self.next_suffix);
-        self.next_suffix += 1;
+        if self.next_suffix.len() >= NAMES_REMEMBERED {
+            self.next_suffix.clear();
+        }
+        let base = self.template.render(at, camera, 0);
+        let suffix = self.next_suffix.entry(base).or_insert(0);
+        let name = self.template.render(at, camera, *suffix);
+        *suffix += 1;
         name
     }
 }
 
-/// Whether `name` is one imaged could have given a stored image: a plain file name, no path, not hidden.
-pub fn is_plain_name(name: &str) -> bool {
+/// Whether `name` is one imaged could have given a stored image: a relative path of plain names (no empty
+/// part, none hidden, no `..`), without spaces or control characters (the index separates fields by spaces).
+pub fn is_stored_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with('.')
-        && !name.contains(['/', '\0'])
-        && name.chars().all(|c| !c.is_whitespace() && !c.is_control())
+        && name.len() <= 4096
+        && name.split('/').all(|part| {
+            !part.is_empty()
+                && part.len() <= 255
+                && !part.starts_with('.')
+                && !part.contains('\0')
+                && part.chars().all(|c| !c.is_whitespace() && !c.is_control())
+        })
 }
 
 /// Creates `dir` (and its parents) with `mode` where missing, and makes the new entries durable.
@@ -289,35 +291,59 @@ mod tests {
         Utc.timestamp_opt(secs, nanos).unwrap()
     }
 
+    fn images() -> Namer {
+        Namer::new(Template::default())
+    }
+
     #[test]
     fn names_follow_the_original_pattern_in_utc() {
         let t = Utc.with_ymd_and_hms(2026, 11, 25, 16, 50, 5).unwrap();
-        assert_eq!(image_name(t, 0), "image_20261125-165005.jpg");
-        assert_eq!(image_name(t, 3), "image_20261125-165005-3.jpg");
-        assert_eq!(quarantine_name(t, 1), "rejected_20261125-165005-1.bin");
+        let mut namer = images();
+        assert_eq!(namer.next(t, "cam"), "image_20261125-165005.jpg");
+        assert_eq!(namer.next(t, "cam"), "image_20261125-165005-1.jpg");
+        assert_eq!(
+            Namer::quarantine().next(t, "cam"),
+            "rejected_20261125-165005.bin"
+        );
     }
 
     #[test]
     fn images_in_the_same_second_get_distinct_names() {
-        let mut namer = Namer::images();
+        let mut namer = images();
         let names: Vec<String> = (0..50)
-            .map(|i| namer.next(at(1_800_000_000, i * 1000)))
+            .map(|i| namer.next(at(1_800_000_000, i * 1000), "cam"))
             .collect();
         let unique: std::collections::HashSet<_> = names.iter().collect();
         assert_eq!(unique.len(), 50);
-        assert_eq!(names[0], image_name(at(1_800_000_000, 0), 0));
-        assert_eq!(names[1], image_name(at(1_800_000_000, 0), 1));
     }
 
     #[test]
     fn a_new_second_starts_without_a_suffix() {
-        let mut namer = Namer::images();
-        namer.next(at(1_800_000_000, 0));
-        namer.next(at(1_800_000_000, 5));
-        assert_eq!(
-            namer.next(at(1_800_000_001, 0)),
-            image_name(at(1_800_000_001, 0), 0)
+        let mut namer = images();
+        namer.next(at(1_800_000_000, 0), "cam");
+        namer.next(at(1_800_000_000, 5), "cam");
+        assert!(!namer.next(at(1_800_000_001, 0), "cam").ends_with("-1.jpg"));
+    }
+
+    #[test]
+    fn each_camera_counts_on_its_own() {
+        let mut namer = Namer::new(Template::parse("{camera}/%Y-%m-%d/image_%H%M%S.jpg").unwrap());
+        let t = at(1_800_000_000, 0);
+        let a = namer.next(t, "a");
+        let b = namer.next(t, "b");
+        assert!(
+            a.starts_with("a/") && b.starts_with("b/") && !b.ends_with("-1.jpg"),
+            "{a} {b}"
         );
+        assert!(namer.next(t, "a").ends_with("-1.jpg"));
+    }
+
+    #[test]
+    fn a_template_without_seconds_keeps_counting_across_seconds() {
+        let mut namer = Namer::new(Template::parse("{camera}/%Y-%m-%d.jpg").unwrap());
+        let first = namer.next(at(1_800_000_000, 0), "a");
+        let second = namer.next(at(1_800_000_001, 0), "a");
+        assert_ne!(first, second);
     }
 
     #[test]
@@ -344,23 +370,36 @@ mod tests {
 
         #[test]
         fn names_never_repeat_for_any_sequence_of_arrival_times(steps in proptest::collection::vec(0i64..3, 1..300)) {
-            let mut namer = Namer::images();
+            let mut namer = images();
             let mut t = 1_800_000_000i64;
             let mut seen = std::collections::HashSet::new();
             for step in steps {
                 t += step;
-                let name = namer.next(at(t, 0));
-                proptest::prop_assert!(is_plain_name(&name));
+                let name = namer.next(at(t, 0), "cam");
+                proptest::prop_assert!(is_stored_name(&name));
                 proptest::prop_assert!(seen.insert(name));
             }
         }
     }
 
     #[test]
-    fn only_plain_names_are_accepted_from_the_index() {
-        assert!(is_plain_name("image_20261125-165005.jpg"));
-        for bad in ["", ".hidden", "../x.jpg", "a/b.jpg", "a b.jpg", "a\nb"] {
-            assert!(!is_plain_name(bad), "{bad:?}");
+    fn only_relative_paths_of_plain_names_are_accepted_from_the_index() {
+        assert!(is_stored_name("image_20261125-165005.jpg"));
+        assert!(is_stored_name(
+            "garden/cam%201/2026-11-25/image_20261125-165005.jpg"
+        ));
+        for bad in [
+            "",
+            ".hidden",
+            "../x.jpg",
+            "a/../b.jpg",
+            "/a.jpg",
+            "a//b.jpg",
+            "a/.b.jpg",
+            "a b.jpg",
+            "a\nb",
+        ] {
+            assert!(!is_stored_name(bad), "{bad:?}");
         }
     }
 

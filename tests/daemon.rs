@@ -364,3 +364,68 @@ fn a_changed_upload_filter_stops_the_old_one_in_the_persistent_session() {
     );
     assert_eq!(stored.values().next().unwrap(), &new);
 }
+
+#[test]
+fn cameras_on_a_wildcard_filter_get_folders_of_their_own_and_hostile_levels_stay_inside_and_apart()
+{
+    let broker = Broker::start();
+    let mut daemon = Daemon::start_with(
+        broker.port,
+        "[topics]\nupload = \"image/upload/+\"\n\
+         [storage]\npath = \"{camera}/%Y-%m-%d/image_%Y%m%d-%H%M%S.jpg\"\n",
+        &[],
+    );
+    daemon.wait_ready();
+    let long = "x".repeat(60 * 1024);
+    let levels = [
+        "cam1", "cam2", "cam3", "..", ".", ".hidden", "", "con", "CON", "a b", "100%", "%25",
+        "caméra", "a\\b", "~", &long,
+    ];
+    let topics: Vec<String> = levels.iter().map(|l| format!("image/upload/{l}")).collect();
+    let images: Vec<Vec<u8>> = (0..levels.len() as u64)
+        .map(|i| jpeg(9000 + i, 3000))
+        .collect();
+    let acked =
+        common::load::publish_each(broker.port, &topics, &images, 8, Duration::from_secs(30));
+    assert!(acked.iter().all(|a| *a), "the broker took every image");
+    daemon.wait_stored(images.len(), Duration::from_secs(20));
+
+    let stored = daemon.stored();
+    assert_eq!(stored.len(), images.len());
+    let mut folders = std::collections::HashMap::new();
+    for (name, bytes) in &stored {
+        let i = images
+            .iter()
+            .position(|im| im == bytes)
+            .expect("a sent image");
+        let parts: Vec<&str> = name.split('/').collect();
+        // camera/date/file: one folder per camera level, then the date.
+        assert_eq!(parts.len(), 3, "{name}");
+        assert!(
+            parts[2].starts_with("image_") && parts[2].ends_with(".jpg"),
+            "{name}"
+        );
+        for part in &parts {
+            assert!(
+                !part.is_empty() && !part.starts_with('.') && part.len() <= 255,
+                "{name}"
+            );
+        }
+        assert!(
+            folders.insert(parts[0].to_string(), levels[i]).is_none(),
+            "two topics share the folder {}",
+            parts[0]
+        );
+        assert!(daemon.images.join(name).starts_with(&daemon.images));
+    }
+    for cam in ["cam1", "cam2", "cam3", "con", "CON"] {
+        assert_eq!(folders.get(cam), Some(&cam), "{cam} keeps its name");
+    }
+    // Nothing was written beside the storage folder.
+    let mut beside: Vec<String> = std::fs::read_dir(&daemon.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    beside.sort();
+    assert_eq!(beside, ["imaged.log", "imaged.toml", "images"]);
+}

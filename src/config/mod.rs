@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::layout::Template;
 use crate::topic::{check_topic_filter, check_topic_name, topic_matches};
-pub use values::{FileMode, LogLevel};
+pub use values::{FileMode, FreeSpace, LogLevel, Size, Span};
 
 /// Where the daemon and the tools look when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/imaged.toml";
@@ -36,6 +37,7 @@ pub struct Config {
     pub broker: Broker,
     pub topics: Topics,
     pub storage: Storage,
+    pub retention: Retention,
     pub limits: Limits,
     pub log: Log,
 }
@@ -87,6 +89,22 @@ pub struct Storage {
     pub file_mode: FileMode,
     pub writers: usize,
     pub dedup_window: usize,
+    /// Where an image goes under `dir`: strftime fields of the receive time (UTC) and `{camera}`.
+    pub path: Template,
+    /// The most rejected payloads the quarantine keeps; the oldest go first.
+    pub quarantine_max_size: Size,
+}
+
+/// What imaged deletes to keep running: the oldest images first, never one whose republish is pending.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Total size of the stored images; 0 = no limit.
+    pub max_size: Size,
+    /// Age of the oldest image kept; 0 = forever.
+    pub max_age: Span,
+    /// Free space to keep on the storage filesystem.
+    pub min_free: FreeSpace,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -150,6 +168,18 @@ impl Default for Storage {
             file_mode: FileMode(0o640),
             writers: 4,
             dedup_window: 100_000,
+            path: Template::default(),
+            quarantine_max_size: Size(100_000_000),
+        }
+    }
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_size: Size(0),
+            max_age: Span(std::time::Duration::ZERO),
+            min_free: FreeSpace::Percent(5.0),
         }
     }
 }

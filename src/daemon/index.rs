@@ -77,7 +77,7 @@ impl Record {
                 let hash = parse_hash(fields.next()?)?;
                 let size = fields.next()?.parse().ok()?;
                 let name = fields.next()?.to_string();
-                if !storage::is_plain_name(&name) {
+                if !storage::is_stored_name(&name) {
                     return None;
                 }
                 Record::Stored {
@@ -551,7 +551,7 @@ mod tests {
     }
 
     #[test]
-    fn a_name_with_a_path_in_it_is_not_trusted() {
+    fn a_name_that_leaves_the_storage_folder_is_not_trusted() {
         let line = Record::Stored {
             hash: h(1),
             size: 1,

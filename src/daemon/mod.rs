@@ -26,9 +26,6 @@ use index::{Index, Recovery};
 use pipeline::Pipeline;
 use session::{PipelineStopped, Session};
 
-/// Mode of the folders imaged creates: the service's group may read, nobody else.
-const DIR_MODE: u32 = 0o750;
-
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -91,6 +88,8 @@ async fn serve(config: Config) -> Result<(), Error> {
     let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
     let settings = pipeline::Settings {
         image_dir: config.storage.dir.clone(),
+        path: config.storage.path.clone(),
+        upload_filter: config.topics.upload.clone(),
         quarantine_dir: config.quarantine_dir(),
         file_mode: config.storage.file_mode.0,
         max_image_bytes: config.storage.max_image_bytes,
@@ -177,7 +176,7 @@ fn open_storage(config: &Config) -> Result<(Index, Recovery), PathError> {
     let quarantine = config.quarantine_dir();
     let state = config.state_dir();
     for dir in [images, &quarantine, &state] {
-        storage::create_dir(dir, DIR_MODE)?;
+        storage::create_dir(dir, storage::DIR_MODE)?;
     }
     for dir in [images, &quarantine] {
         let removed = storage::sweep_temp_files(dir)?;

@@ -15,7 +15,7 @@
 //! memory waits as an outbox entry in the index and is read back from the stored file when its turn comes.
 //! When the disk fails, uploads are held (not acknowledged) and retried with backoff; the broker keeps them.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
@@ -33,6 +33,7 @@ use tracing::{debug, error, info, warn};
 use super::health::{Beat, Health, Stats};
 use super::index::{Hash, Index};
 use crate::backoff::Backoff;
+use crate::layout::{self, Template};
 use crate::storage::{self, hex, Namer, PathError, Persisted, Rejection};
 
 /// An upload as the session hands it over. `gen` names the broker connection it came on.
@@ -89,6 +90,9 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub image_dir: PathBuf,
+    /// Where an image goes under `image_dir`, and the upload filter whose wildcards name its camera.
+    pub path: Template,
+    pub upload_filter: String,
     pub quarantine_dir: PathBuf,
     pub file_mode: u32,
     pub max_image_bytes: usize,
@@ -137,10 +141,10 @@ impl Pipeline {
             outcomes,
             slots: BTreeMap::new(),
             deciding: HashSet::new(),
-            names: Namer::images(),
+            names: Namer::new(settings.path.clone()),
             quarantine_names: Namer::quarantine(),
-            images_dirty: false,
-            quarantine_dirty: false,
+            dirty: BTreeSet::new(),
+            folders: HashSet::new(),
             trouble: None,
             retry_at: None,
             republishes: Republishes {
@@ -267,6 +271,8 @@ struct Slot {
     gen: u64,
     pkid: u16,
     qos: QoS,
+    /// The folder its topic names (see [`layout::camera`]).
+    camera: String,
     topic: String,
     at: DateTime<Utc>,
     payload: Bytes,
@@ -335,9 +341,10 @@ struct Committer {
     deciding: HashSet<Hash>,
     names: Namer,
     quarantine_names: Namer,
-    /// Renames done whose folder has not been fsynced yet.
-    images_dirty: bool,
-    quarantine_dirty: bool,
+    /// Folders with renames not fsynced yet.
+    dirty: BTreeSet<PathBuf>,
+    /// Image folders known to exist, so a burst into one folder does not look it up for every image.
+    folders: HashSet<PathBuf>,
     /// Since when the disk has been failing.
     trouble: Option<Trouble>,
     /// When to write the held uploads again; no commit is tried before.
@@ -444,6 +451,7 @@ impl Committer {
             gen: upload.gen,
             pkid: upload.pkid,
             qos: upload.qos,
+            camera: layout::camera(&self.settings.upload_filter, &upload.topic),
             topic: upload.topic,
             at: upload.at,
             payload: upload.payload,
@@ -537,7 +545,7 @@ impl Committer {
             slot.decision = Some(if self.deciding.contains(&hash) || stored.is_some() {
                 Decision::Duplicate
             } else {
-                let name = self.names.next(slot.at);
+                let name = self.names.next(slot.at, &slot.camera);
                 self.deciding.insert(hash);
                 Decision::Store {
                     name,
@@ -592,13 +600,9 @@ impl Committer {
         for seq in &ready {
             self.rename(*seq)?;
         }
-        if self.images_dirty {
-            storage::sync_dir(&self.settings.image_dir)?;
-            self.images_dirty = false;
-        }
-        if self.quarantine_dirty {
-            storage::sync_dir(&self.settings.quarantine_dir)?;
-            self.quarantine_dirty = false;
+        while let Some(dir) = self.dirty.first() {
+            storage::sync_dir(dir)?;
+            self.dirty.pop_first();
         }
         for seq in &ready {
             let slot = self.slots.remove(seq).expect("ready slots exist");
@@ -624,26 +628,33 @@ impl Committer {
                     (&self.settings.image_dir, name.clone())
                 }
                 (Kind::Quarantine(_), _) => {
-                    let name = self.quarantine_names.next(slot.at);
+                    let name = self.quarantine_names.next(slot.at, "");
                     slot.quarantine_name = Some(name.clone());
                     (&self.settings.quarantine_dir, name)
                 }
                 _ => return Ok(()), // a duplicate: its copy goes with `temp`
             };
+            let target = dir.join(&name);
+            let folder = target.parent().unwrap_or(dir).to_path_buf();
+            if !self.folders.contains(&folder) {
+                // A new folder's own name is made durable by create_dir (it fsyncs the parent).
+                storage::create_dir(&folder, storage::DIR_MODE)?;
+                if self.folders.len() >= 10_000 {
+                    self.folders.clear();
+                }
+                self.folders.insert(folder.clone());
+            }
             // On an error the temp file is gone: the slot stays Held and is written again.
             match storage::persist(temp, dir, &name)? {
                 Persisted::Done => {
                     slot.bytes = Stage::Renamed;
-                    match slot.kind {
-                        Kind::Image => self.images_dirty = true,
-                        _ => self.quarantine_dirty = true,
-                    }
+                    self.dirty.insert(folder);
                     return Ok(());
                 }
                 Persisted::Taken(back) => {
                     temp = back;
                     if let (Kind::Image, Some(hash)) = (&slot.kind, slot.hash) {
-                        let name = self.names.next(slot.at);
+                        let name = self.names.next(slot.at, &slot.camera);
                         // Like the first name's, the new name's record is durable before its rename.
                         self.index.record_stored(&[(
                             hash,

@@ -13,6 +13,7 @@ use rumqttc::{AsyncClient, Event, Incoming, Publish, QoS, SubAck};
 use crate::cli::ReceiveArgs;
 use crate::config::{Config, ConfigError};
 use crate::exit::Exit;
+use crate::layout;
 use crate::mqtt::{self, Events, Role};
 use crate::storage::{self, Namer, PathError, Persisted};
 use crate::topic::check_topic_filter;
@@ -53,10 +54,11 @@ pub fn run(mut config: Config, args: &ReceiveArgs) -> Result<(), Error> {
     check_topic_filter(&topic).map_err(|why| Error::Usage(format!("--topic {topic:?}: {why}")))?;
     let sink = match &args.dir {
         Some(dir) => {
-            storage::create_dir(dir, 0o750)?;
+            storage::create_dir(dir, storage::DIR_MODE)?;
             Sink::Dir {
                 dir: dir.clone(),
-                names: Namer::images(),
+                names: Namer::new(args.path.clone().unwrap_or_default()),
+                filter: topic.clone(),
                 mode: config.storage.file_mode.0,
             }
         }
@@ -217,10 +219,11 @@ impl Receiver {
 enum Sink {
     /// One file, replaced by each new image.
     Latest(PathBuf),
-    /// Every image under its own name.
+    /// Every image under its own name; `filter`'s wildcards name the camera folder.
     Dir {
         dir: PathBuf,
         names: Namer,
+        filter: String,
         mode: u32,
     },
 }
@@ -232,13 +235,21 @@ impl Sink {
                 replace_atomically(path, &publish.payload)?;
                 Ok(path.clone())
             }
-            Sink::Dir { dir, names, mode } => {
+            Sink::Dir {
+                dir,
+                names,
+                filter,
+                mode,
+            } => {
+                let camera = layout::camera(filter, &publish.topic);
                 let mut temp = storage::write_temp(dir, &publish.payload, *mode)?;
                 loop {
-                    let name = names.next(chrono::Utc::now());
+                    let name = names.next(chrono::Utc::now(), &camera);
+                    let folder = dir.join(&name).parent().unwrap_or(dir).to_path_buf();
+                    storage::create_dir(&folder, storage::DIR_MODE)?;
                     match storage::persist(temp, dir, &name)? {
                         Persisted::Done => {
-                            storage::sync_dir(dir)?;
+                            storage::sync_dir(&folder)?;
                             return Ok(dir.join(name));
                         }
                         Persisted::Taken(t) => temp = t,

@@ -285,13 +285,7 @@ impl Daemon {
     }
 
     pub fn stored_count(&self) -> usize {
-        fs::read_dir(&self.images)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().ends_with(".jpg"))
-                    .count()
-            })
-            .unwrap_or(0)
+        jpg_files(&self.images).len()
     }
 
     pub fn wait_stored(&self, n: usize, timeout: Duration) {
@@ -316,12 +310,38 @@ impl Drop for Daemon {
 
 /// The `.jpg` files of a folder, name → content.
 pub fn stored_in(dir: &Path) -> HashMap<String, Vec<u8>> {
-    let mut out = HashMap::new();
-    if let Ok(entries) = fs::read_dir(dir) {
+    jpg_files(dir)
+        .into_iter()
+        .map(|path| {
+            let name = path
+                .strip_prefix(dir)
+                .unwrap()
+                .to_string_lossy()
+                .to_string();
+            (name, fs::read(&path).unwrap())
+        })
+        .collect()
+}
+
+/// The `.jpg` files under `dir`, in its camera and date folders too; hidden entries (imaged's state, the
+/// quarantine, files being written) are skipped, as a viewer would.
+pub fn jpg_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        let Ok(entries) = fs::read_dir(&folder) else {
+            continue;
+        };
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().to_string();
-            if name.ends_with(".jpg") {
-                out.insert(name, fs::read(entry.path()).unwrap());
+            let path = entry.path();
+            if name.starts_with('.') {
+                continue;
+            }
+            if path.is_dir() {
+                folders.push(path);
+            } else if name.ends_with(".jpg") {
+                out.push(path);
             }
         }
     }
