@@ -206,6 +206,21 @@ pub fn sync_dir(dir: &Path) -> Result<(), PathError> {
 /// Writes `bytes` to a new temp file in `dir` with `mode`, and fsyncs it. The temp file is removed again
 /// if the returned path is dropped before [`persist`].
 pub fn write_temp(dir: &Path, bytes: &[u8], mode: u32) -> Result<TempPath, PathError> {
+    write_temp_reporting(dir, bytes, mode, &|| {})
+}
+
+/// How much of a large image goes to the disk at a time: each chunk's write-back is started as soon as it is
+/// written and waited for before the next, so a slow card shows progress every chunk instead of one long
+/// silent fsync at the end (which then has little left to do).
+const CHUNK: usize = 1 << 20;
+
+/// [`write_temp`], calling `progress` after every chunk that reached the disk.
+pub fn write_temp_reporting(
+    dir: &Path,
+    bytes: &[u8],
+    mode: u32,
+    progress: &dyn Fn(),
+) -> Result<TempPath, PathError> {
     let mut file = tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
         .suffix(TEMP_SUFFIX)
@@ -217,10 +232,46 @@ pub fn write_temp(dir: &Path, bytes: &[u8], mode: u32) -> Result<TempPath, PathE
         .set_permissions(Permissions::from_mode(mode))
         .at("set the mode of", &path)?;
     // Through the File, not the NamedTempFile, whose errors repeat the path we add ourselves.
-    file.as_file_mut().write_all(bytes).at("write", &path)?;
+    let mut written = 0;
+    for chunk in bytes.chunks(CHUNK) {
+        file.as_file_mut().write_all(chunk).at("write", &path)?;
+        if bytes.len() > CHUNK {
+            write_back(file.as_file(), written, chunk.len()).at("write back", &path)?;
+            progress();
+        }
+        written += chunk.len();
+    }
     file.as_file().sync_data().at("fsync", &path)?;
     drop_from_page_cache(file.as_file());
     Ok(file.into_temp_path())
+}
+
+/// Writes `len` bytes at `offset` back to the disk and waits for them (`sync_file_range`); the final fdatasync
+/// still makes the file durable, with its size.
+fn write_back(file: &File, offset: usize, len: usize) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    let (offset, len) = (
+        libc::off64_t::try_from(offset).unwrap_or(libc::off64_t::MAX),
+        libc::off64_t::try_from(len).unwrap_or(libc::off64_t::MAX),
+    );
+    // SAFETY: the descriptor is open for the whole call; the range is within what was written.
+    match unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) } {
+        0 => Ok(()),
+        _ => match io::Error::last_os_error() {
+            // Filesystems without it (some FUSE ones) get their data to the disk at the fdatasync.
+            e if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+            ) =>
+            {
+                Ok(())
+            }
+            e => Err(e),
+        },
+    }
 }
 
 /// Once written and fsynced, an image's pages are clean: letting the kernel drop them at once recycles them

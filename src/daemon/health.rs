@@ -1,8 +1,12 @@
 //! What the daemon's parts share about themselves: signs of life for the watchdog, and the counters the
 //! systemd status line shows.
 //!
-//! A part that is waiting (for work, for the broker) is healthy; a part that started something and has not
-//! come back from it within the limit (a write stuck in the kernel, an event loop that no longer turns) is not.
+//! Health is progress against outstanding work. A part that is waiting (for work, for the broker) is healthy;
+//! a part in the middle of something is healthy while it keeps moving (a long write of a large image reports
+//! each chunk); a part that started something and has not moved within the limit (a write stuck in the
+//! kernel, an event loop that no longer turns) is not. And the pipeline as a whole: uploads waiting with
+//! nothing settled or written within the limit is a hang, unless the disk is known to be failing (imaged
+//! says so and retries; a restart would not mend a full disk).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -64,6 +68,8 @@ pub struct Stats {
     pub last_image_ms: AtomicU64,
     /// Set while the disk refuses writes.
     pub disk_trouble: AtomicBool,
+    /// Uploads handed to the pipeline and not yet settled: the session's.
+    pub inflight: AtomicU64,
 }
 
 impl Stats {
@@ -78,6 +84,9 @@ pub struct Health {
     /// Each part registers once at start; the watchdog task reads them all.
     beats: std::sync::Mutex<Vec<(String, Arc<Beat>)>>,
     pub stats: Stats,
+    /// When the pipeline last moved an upload forward (a chunk written, a commit, a settle): the writers'
+    /// and the committer's, read by the watchdog task.
+    pub progress: Beat,
 }
 
 impl Health {
@@ -92,20 +101,71 @@ impl Health {
         beat
     }
 
-    /// The first part that has not beaten within `limit`, if any.
+    /// The first part that has not moved within `limit`, if any, or the pipeline when uploads wait and
+    /// nothing moved.
     pub fn stalled(&self, limit: Duration) -> Option<(String, Duration)> {
         let beats = self.beats.lock().unwrap_or_else(|e| e.into_inner());
-        beats.iter().find_map(|(name, beat)| {
+        let part = beats.iter().find_map(|(name, beat)| {
             beat.age()
                 .filter(|age| *age > limit)
                 .map(|age| (name.clone(), age))
+        });
+        part.or_else(|| {
+            let waiting = self.stats.inflight.load(Ordering::Relaxed);
+            let trouble = self.stats.disk_trouble.load(Ordering::Relaxed);
+            let since = self.progress.age().unwrap_or_default();
+            pipeline_stalled(waiting, trouble, since, limit).then(|| {
+                (
+                    format!("storage pipeline ({waiting} uploads waiting)"),
+                    since,
+                )
+            })
         })
     }
+}
+
+/// Whether the pipeline hangs: uploads are waiting, nothing moved for longer than `limit`, and the disk is
+/// not known to be failing.
+pub fn pipeline_stalled(
+    waiting: u64,
+    disk_trouble: bool,
+    since_progress: Duration,
+    limit: Duration,
+) -> bool {
+    waiting > 0 && !disk_trouble && since_progress > limit
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_that_keeps_moving_is_healthy_however_long_its_work_takes() {
+        let health = Health::default();
+        let writer = health.register("writer");
+        for _ in 0..10 {
+            std::thread::sleep(Duration::from_millis(10));
+            writer.beat();
+            health.progress.beat();
+            assert_eq!(health.stalled(Duration::from_millis(25)), None);
+        }
+    }
+
+    #[test]
+    fn waiting_uploads_with_no_progress_are_a_hang_unless_the_disk_is_known_to_fail() {
+        let limit = Duration::from_secs(15);
+        let long = Duration::from_secs(20);
+        assert!(pipeline_stalled(3, false, long, limit));
+        assert!(
+            !pipeline_stalled(3, true, long, limit),
+            "a failing disk is retried, not a hang"
+        );
+        assert!(
+            !pipeline_stalled(0, false, long, limit),
+            "no work, nothing to hang on"
+        );
+        assert!(!pipeline_stalled(3, false, Duration::from_secs(2), limit));
+    }
 
     #[test]
     fn an_idle_part_is_never_stalled_and_a_busy_one_is_after_the_limit() {

@@ -54,7 +54,11 @@ pub fn run(config: Config) -> Result<(), Error> {
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    runtime.block_on(serve(config))
+    let result = runtime.block_on(serve(config));
+    // Dropping the runtime would wait for every blocking task, the join of a writer stuck in the kernel
+    // among them: a stop must not hang on a stuck disk (nothing unacknowledged is lost by leaving).
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    result
 }
 
 async fn serve(config: Config) -> Result<(), Error> {

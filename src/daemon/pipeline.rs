@@ -127,6 +127,7 @@ impl Pipeline {
                 jobs: job_rx.clone(),
                 inbox: inbox_tx.clone(),
                 beat: health.register(&format!("storage writer {n}")),
+                health: health.clone(),
                 image_dir: settings.image_dir.clone(),
                 quarantine_dir: settings.quarantine_dir.clone(),
                 mode: settings.file_mode,
@@ -196,6 +197,8 @@ struct Writer {
     /// To the committer: hashed, then written.
     inbox: mpsc::Sender<Inbox>,
     beat: Arc<Beat>,
+    /// For the pipeline's progress: every chunk written counts.
+    health: Arc<Health>,
     image_dir: PathBuf,
     quarantine_dir: PathBuf,
     mode: u32,
@@ -223,7 +226,11 @@ impl Writer {
             } else {
                 &self.image_dir
             };
-            let result = storage::write_temp(dir, &job.payload, self.mode);
+            let moved = || {
+                self.beat.beat();
+                self.health.progress.beat();
+            };
+            let result = storage::write_temp_reporting(dir, &job.payload, self.mode, &moved);
             if self
                 .inbox
                 .send(Inbox::Written {
@@ -674,6 +681,7 @@ impl Committer {
 
     /// Logs the outcome of one upload, queues its republish, and lets the session acknowledge it.
     fn settle(&mut self, slot: &Slot) {
+        self.health.progress.beat();
         let stats = &self.health.stats;
         let bytes = slot.payload.len();
         let topic = crate::topic::topic_for_log(&slot.topic);
@@ -754,6 +762,8 @@ impl Committer {
             let payload = match item.payload {
                 Some(payload) => payload,
                 None => {
+                    // A turn may read back many large files: each one read is a sign of life.
+                    self.beat.beat();
                     let path = self.settings.image_dir.join(&item.name);
                     match std::fs::read(&path) {
                         Ok(bytes) => Bytes::from(bytes),

@@ -240,6 +240,7 @@ impl Session {
             } => {
                 self.inflight_images -= 1;
                 self.inflight_bytes -= bytes;
+                self.count_inflight();
                 if qos == QoS::AtMostOnce {
                     return;
                 }
@@ -393,7 +394,12 @@ impl Session {
             return Ok(());
         }
         self.seq += 1;
+        if self.inflight_images == 0 {
+            // Work starts waiting now: the pipeline has until the watchdog's limit to move it.
+            self.health.progress.beat();
+        }
         self.inflight_images += 1;
+        self.count_inflight();
         self.inflight_bytes += publish.payload.len();
         self.to_pipeline(Inbox::Upload(Upload {
             seq: self.seq,
@@ -404,6 +410,12 @@ impl Session {
             payload: publish.payload,
             at: chrono::Utc::now(),
         }))
+    }
+
+    /// For the watchdog: how many uploads wait for the pipeline.
+    fn count_inflight(&self) {
+        let n = u64::try_from(self.inflight_images).unwrap_or(u64::MAX);
+        self.health.stats.inflight.store(n, Ordering::Relaxed);
     }
 
     fn to_pipeline(&self, msg: Inbox) -> Result<(), PipelineStopped> {
