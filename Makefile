@@ -12,12 +12,20 @@ all: build
 build:
 	$(CARGO) build --release
 
-# Mosquitto and its clients, for the demo and the tests (Debian/Ubuntu).
+# Mosquitto and its clients, for the demo and the tests (Debian/Ubuntu). fuse3 for the power-cut filesystem
+# (tests/powercut): as root it mounts by mount(2) itself and needs no package, but fusermount3 is how it mounts
+# for anyone else and how a person unmounts it by hand (`fusermount3 -u`). No libfuse -dev package: the fuser
+# crate speaks the FUSE protocol itself.
 deps:
 	@if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null; then \
 		echo "Installing mosquitto and mosquitto-clients (apt-get)"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
+	fi
+	@if ! command -v fusermount3 >/dev/null; then \
+		echo "Installing fuse3 (apt-get)"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq fuse3 >/dev/null; \
 	fi
 
 # A private broker on a free loopback port, the daemon, and sample.jpg through it.
@@ -26,15 +34,17 @@ demo: deps build
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --workspace -- -D warnings
 
 unit:
 	$(CARGO) test --lib
 
-# Every test: unit, integration against real Mosquitto processes, the lints, then the Debian package under a
+# Every test: unit, integration against real Mosquitto processes, the lints, the power-cut filesystem's own
+# tests (tests/powercut; they skip with a SKIP line without /dev/fuse or root), then the Debian package under a
 # real systemd (package-test; skipped with a SKIP line when not root).
 test: deps lint
 	$(CARGO) test
+	$(CARGO) test -p powercut-fs
 	$(MAKE) bench-smoke
 	$(MAKE) package-test
 
