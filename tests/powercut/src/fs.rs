@@ -85,7 +85,8 @@ pub struct State {
     pub by_key: HashMap<Key, u64>,
     next_ino: u64,
     handles: HashMap<u64, Handle>,
-    listings: HashMap<u64, Vec<DirEntry>>,
+    /// Open folders: their folder node, and the listing once read.
+    listings: HashMap<u64, (u64, Option<Vec<DirEntry>>)>,
     next_fh: u64,
     /// Set by a power cut: from then on every request fails.
     pub cut: bool,
@@ -567,41 +568,51 @@ impl State {
     }
 
     fn opendir(&mut self, id: u64) -> Result<u64, Errno> {
-        let node = self.node(id)?;
-        if node.kind != FileType::Directory {
+        if self.node(id)?.kind != FileType::Directory {
             return Err(Errno::ENOTDIR);
-        }
-        // The whole listing at once: offsets into it stay valid while the folder changes.
-        let mut entries = vec![
-            DirEntry {
-                ino: id,
-                kind: FileType::Directory,
-                name: ".".into(),
-            },
-            DirEntry {
-                ino: id,
-                kind: FileType::Directory,
-                name: "..".into(),
-            },
-        ];
-        for entry in fs::read_dir(fd_path(&node.fd))? {
-            let entry = entry?;
-            let kind = entry
-                .file_type()
-                .ok()
-                .and_then(FileType::from_std)
-                .unwrap_or(FileType::RegularFile);
-            // readdir's inode numbers are informational; only lookup's are used by the kernel.
-            entries.push(DirEntry {
-                ino: entry.ino(),
-                kind,
-                name: entry.file_name(),
-            });
         }
         let fh = self.next_fh;
         self.next_fh += 1;
-        self.listings.insert(fh, entries);
+        // Not listed yet: most opens of a folder are for an fsync, and the image folder is large.
+        self.listings.insert(fh, (id, None));
         Ok(fh)
+    }
+
+    fn readdir(&mut self, fh: u64, offset: u64) -> Result<&[DirEntry], Errno> {
+        let &(id, ref listed) = self.listings.get(&fh).ok_or(Errno::EBADF)?;
+        if listed.is_none() || offset == 0 {
+            // The whole listing at once, read again from the start (rewinddir): offsets into it stay valid
+            // while the folder changes.
+            let mut entries = vec![
+                DirEntry {
+                    ino: id,
+                    kind: FileType::Directory,
+                    name: ".".into(),
+                },
+                DirEntry {
+                    ino: id,
+                    kind: FileType::Directory,
+                    name: "..".into(),
+                },
+            ];
+            for entry in fs::read_dir(fd_path(&self.node(id)?.fd))? {
+                let entry = entry?;
+                let kind = entry
+                    .file_type()
+                    .ok()
+                    .and_then(FileType::from_std)
+                    .unwrap_or(FileType::RegularFile);
+                // readdir's inode numbers are informational; only lookup's are used by the kernel.
+                entries.push(DirEntry {
+                    ino: entry.ino(),
+                    kind,
+                    name: entry.file_name(),
+                });
+            }
+            self.listings.insert(fh, (id, Some(entries)));
+        }
+        let (_, listed) = &self.listings[&fh];
+        Ok(listed.as_deref().unwrap_or_default())
     }
 
     fn statfs(&self) -> Result<libc::statvfs, Errno> {
@@ -864,12 +875,13 @@ impl Filesystem for PowercutFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let state = match self.state() {
+        let mut state = match self.state() {
             Ok(s) => s,
             Err(e) => return reply.error(e),
         };
-        let Some(entries) = state.listings.get(&fh.0) else {
-            return reply.error(Errno::EBADF);
+        let entries = match state.readdir(fh.0, offset) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e),
         };
         for (i, entry) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(entry.ino), i as u64 + 1, entry.kind, &entry.name) {

@@ -540,6 +540,23 @@ fn reads_stat_readdir_chmod_hard_links_and_statfs_pass_through() {
     assert_eq!(a.mode() & 0o777, 0o640);
 }
 
+#[test]
+fn a_large_folder_lists_whole_across_many_readdir_calls() {
+    require_fuse!();
+    let scratch = tempfile::tempdir().unwrap();
+    let fs = PowerCutFs::mount(scratch.path(), &[]);
+    fs::create_dir(fs.path("many")).unwrap();
+    let expected: Vec<String> = (0..1500).map(|i| format!("image-{i:05}.jpg")).collect();
+    for name in &expected {
+        File::create(fs.path("many").join(name)).unwrap();
+    }
+    assert_eq!(names(&fs.path("many")), expected);
+    fsync_dir(&fs.path("many"));
+    fsync_dir(&fs.mnt);
+    let (backing, ..) = fs.cut();
+    assert_eq!(names(&backing.join("many")), expected);
+}
+
 fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
     let (from, to) = (
         CString::new(from.as_os_str().as_bytes()).unwrap(),
