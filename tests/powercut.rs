@@ -8,133 +8,14 @@
 
 mod common;
 
-use std::ffi::CString;
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use common::load::{publish_all, Ledger};
-use common::scenarios::{images, settle, STORED, UPLOAD};
+use common::powercut::{usable, Power};
+use common::scenarios::{confirmed_republishes, images, settle, STORED, UPLOAD};
 use common::{Broker, Daemon, Observer};
-
-/// The binary beside this test's own folder (target/<profile>/deps/..), where cargo puts workspace binaries.
-fn powercut_bin() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let bin = exe.parent()?.parent()?.join("powercut-fs");
-    bin.exists().then_some(bin)
-}
-
-fn usable() -> Option<PathBuf> {
-    if !Path::new("/dev/fuse").exists() {
-        println!("SKIP: /dev/fuse is missing: no power-cut filesystem here");
-        return None;
-    }
-    // SAFETY: no arguments, no memory.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("SKIP: the power-cut filesystem mounts with allow_other and needs root (CI runs as root)");
-        return None;
-    }
-    let bin = powercut_bin();
-    if bin.is_none() {
-        println!(
-            "SKIP: no powercut-fs binary: `cargo build -p powercut-fs` (make test builds it first)"
-        );
-    }
-    bin
-}
-
-/// One running powercut-fs; dropping it kills the process by PID and detaches a mount left behind.
-struct Power {
-    bin: PathBuf,
-    backing: PathBuf,
-    mnt: PathBuf,
-    child: Option<Child>,
-    lines: Option<Receiver<String>>,
-}
-
-impl Power {
-    fn on(bin: &Path, backing: &Path, mnt: &Path) -> Power {
-        let mut power = Power {
-            bin: bin.to_path_buf(),
-            backing: backing.to_path_buf(),
-            mnt: mnt.to_path_buf(),
-            child: None,
-            lines: None,
-        };
-        power.start();
-        power
-    }
-
-    fn start(&mut self) {
-        let mut child = Command::new(&self.bin)
-            .arg(&self.backing)
-            .arg(&self.mnt)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start powercut-fs");
-        let (send, lines) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = send.send(line);
-            }
-        });
-        self.child = Some(child);
-        self.lines = Some(lines);
-        let line = self.next_line("the mount");
-        assert!(line.starts_with("powercut-fs: mounted"), "{line}");
-    }
-
-    fn next_line(&self, what: &str) -> String {
-        self.lines
-            .as_ref()
-            .unwrap()
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("powercut-fs said nothing about {what} within 30 s"))
-    }
-
-    /// Cuts the power (the filesystem process exits once the backing folder holds only what was durable),
-    /// then mounts what survived: the reboot. Returns the filesystem's report of the cut.
-    fn cut_and_reboot(&mut self) -> String {
-        let pid = self.child.as_ref().expect("running").id();
-        // SAFETY: signals a process this test started and has not reaped.
-        unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
-        let report = self.next_line("the power cut");
-        let mut child = self.child.take().unwrap();
-        let start = Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if start.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                panic!("powercut-fs did not exit after the cut");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(report.starts_with("powercut-fs: power cut:"), "{report}");
-        self.start();
-        report
-    }
-}
-
-impl Drop for Power {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mnt = self.mnt.canonicalize().unwrap_or(self.mnt.clone());
-        if mounts.lines().any(|l| l.split(' ').nth(4) == mnt.to_str()) {
-            let path = CString::new(mnt.as_os_str().as_bytes()).unwrap();
-            // SAFETY: a valid path; a lazy unmount of the mount this guard made.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
 
 /// What the state folder held after a cut, for the report.
 fn state_folder(backing: &Path) -> String {
@@ -237,7 +118,13 @@ fn every_acknowledged_image_is_stored_once_and_republished_across_power_cuts_at_
         jpgs(&backing),
         report.trim_start_matches("powercut-fs: power cut: ")
     ));
-    let at_rest = Ledger::count(&imgs, &acked, &daemon.images, &observer.seen());
+    let at_rest = Ledger::count(
+        &imgs,
+        &acked,
+        &daemon.images,
+        &observer.seen(),
+        &confirmed_republishes(&daemon),
+    );
     println!("{}", history.join("\n"));
     for (when, l) in [("under cuts", &ledger), ("after the final cut", &at_rest)] {
         let count = |what: &str| l.lost.iter().filter(|s| s.ends_with(what)).count();

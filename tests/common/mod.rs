@@ -6,6 +6,7 @@
 pub mod config;
 pub mod load;
 pub mod mosquitto;
+pub mod powercut;
 pub mod scenarios;
 
 use std::collections::HashMap;

@@ -75,7 +75,7 @@ pub fn settle(
 }
 
 /// The images whose republish the broker acknowledged, by imaged's log (`Image re-published … name=N`).
-fn confirmed_republishes(daemon: &Daemon) -> HashSet<Hash> {
+pub fn confirmed_republishes(daemon: &Daemon) -> HashSet<Hash> {
     daemon
         .log()
         .lines()

@@ -631,11 +631,24 @@ impl State {
 pub struct PowercutFs {
     state: Arc<Mutex<State>>,
     rename2: bool,
+    /// How long each write and fsync takes: a slow card.
+    delay: std::time::Duration,
 }
 
 impl PowercutFs {
-    pub fn new(state: Arc<Mutex<State>>, rename2: bool) -> PowercutFs {
-        PowercutFs { state, rename2 }
+    pub fn new(state: Arc<Mutex<State>>, rename2: bool, delay: std::time::Duration) -> PowercutFs {
+        PowercutFs {
+            state,
+            rename2,
+            delay,
+        }
+    }
+
+    /// Waits like a slow disk, outside the lock, so a cut still gets through.
+    fn slow(&self) {
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
     }
 
     fn state(&self) -> Result<MutexGuard<'_, State>, Errno> {
@@ -814,6 +827,7 @@ impl Filesystem for PowercutFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.slow();
         match self.state().and_then(|mut s| s.write(fh.0, offset, data)) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e),
@@ -857,6 +871,7 @@ impl Filesystem for PowercutFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.slow();
         reply_empty(reply, self.state().and_then(|mut s| s.fsync(ino.0)));
     }
 

@@ -46,6 +46,9 @@
 //! - `SIGTERM` or `SIGINT`, or `umount`/`fusermount3 -u` of the mountpoint: a clean stop, nothing lost.
 //! - Exit 1: it could not mount; exit 3: the cut failed (the backing folder is then in no defined state).
 //!
+//! `--delay-ms N` makes every write and fsync take N ms more: a slow SD card, for the watchdog's tests.
+//! A filesystem whose process is stopped (SIGSTOP) is a stuck disk: every request waits.
+//!
 //! `--no-rename2` refuses `renameat2` flags with EINVAL, as a libfuse 2 filesystem does, so that callers
 //! take their fallback (tempfile's `persist_noclobber`: link + unlink).
 //!
@@ -66,18 +69,21 @@ use signal_hook::iterator::Signals;
 
 use crate::fs::{PowercutFs, State, Tail};
 
-const USAGE: &str = "usage: powercut-fs [--tail truncate|zero] [--no-rename2] BACKING MOUNTPOINT";
+const USAGE: &str =
+    "usage: powercut-fs [--tail truncate|zero] [--no-rename2] [--delay-ms N] BACKING MOUNTPOINT";
 
 struct Options {
     backing: PathBuf,
     mountpoint: PathBuf,
     tail: Tail,
     rename2: bool,
+    delay: std::time::Duration,
 }
 
 fn parse_args() -> Result<Options, String> {
     let mut tail = Tail::Truncate;
     let mut rename2 = true;
+    let mut delay = std::time::Duration::ZERO;
     let mut paths = Vec::new();
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
@@ -90,6 +96,10 @@ fn parse_args() -> Result<Options, String> {
                 }
             }
             Some("--no-rename2") => rename2 = false,
+            Some("--delay-ms") => {
+                let ms = args.next().and_then(|a| a.to_str()?.parse().ok());
+                delay = std::time::Duration::from_millis(ms.ok_or("--delay-ms takes a number")?);
+            }
             Some("-h" | "--help") => return Err(String::new()),
             Some(a) if a.starts_with('-') => return Err(format!("unknown option {a}")),
             _ => paths.push(PathBuf::from(arg)),
@@ -103,6 +113,7 @@ fn parse_args() -> Result<Options, String> {
         mountpoint,
         tail,
         rename2,
+        delay,
     })
 }
 
@@ -128,7 +139,7 @@ fn run(options: Options) -> std::io::Result<()> {
     // file's durable bytes alive), so a long run needs more than the default soft limit.
     raise_open_file_limit();
     let state = Arc::new(Mutex::new(State::mount(&options.backing, options.tail)?));
-    let filesystem = PowercutFs::new(state.clone(), options.rename2);
+    let filesystem = PowercutFs::new(state.clone(), options.rename2, options.delay);
     let mut config = Config::default();
     // No AutoUnmount: its fusermount3 helper unmounts after this process exits, and could take down the
     // next mount on the same mountpoint (the remount after a cut). A cut detaches the mount itself.
