@@ -9,9 +9,10 @@
 //! ```
 //!
 //! An `S` record is fsynced *before* the image's temp file is renamed to `<name>`, so after a crash every
-//! stored image has its record; a record whose file is missing belongs to a rename that never became durable
-//! (its upload was never acknowledged) and is dropped. `P` records are not fsynced: losing one only means a
-//! second republish. A torn tail or a corrupted record is skipped with a warning, never trusted.
+//! stored image has its record. An unconfirmed record whose file is missing, or holds other bytes (the name
+//! was taken, and the crash came before the next name's record), belongs to a rename that never became
+//! durable (its upload was never acknowledged) and is dropped. `P` records are not fsynced: losing one only
+//! means a second republish. A torn tail or a corrupted record is skipped with a warning, never trusted.
 //! An `S` record without its `P` is the durable outbox entry that lets imaged acknowledge an upload before the
 //! broker has confirmed the republish.
 
@@ -20,6 +21,8 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use crate::storage::{self, hex, Context, PathError};
 
@@ -242,13 +245,20 @@ impl Index {
             order: replayed.order,
             window,
         };
-        // An unconfirmed record whose file is not there was never acknowledged: forget it.
-        let missing: Vec<Hash> = index
-            .entries
-            .iter()
-            .filter(|(_, e)| !e.confirmed && !file_matches(&image_dir.join(&e.name), e.size))
-            .map(|(h, _)| *h)
-            .collect();
+        // An unconfirmed record whose file is not there, or is not this image, was never acknowledged:
+        // forget it. Content, not size: the record is durable before its rename, and when the name turned out
+        // to be taken (the name counter restarts after a restart within the same UTC second, or the clock
+        // stepped back) and imaged died before the next name's record, another file of the same size may
+        // stand under the name; trusting it would ack the redelivered image as a duplicate and republish the
+        // other bytes. Only unconfirmed records can be in that window (a republish is confirmed only after
+        // its image was committed), so this reads and hashes the outbox's files once per start: usually the
+        // last few hundred images, more when republishes went unconfirmed for long.
+        let mut missing = Vec::new();
+        for (hash, entry) in &index.entries {
+            if !entry.confirmed && !file_holds(&image_dir.join(&entry.name), entry.size, hash)? {
+                missing.push(*hash);
+            }
+        }
         for hash in missing {
             if let Some(entry) = index.entries.remove(&hash) {
                 recovery.dropped.push(entry.name);
@@ -422,10 +432,23 @@ impl Index {
     }
 }
 
-fn file_matches(path: &Path, size: u64) -> bool {
-    fs::metadata(path)
-        .map(|m| m.is_file() && m.len() == size)
-        .unwrap_or(false)
+/// Whether `path` is a file of `size` bytes with SHA-256 `hash`. A missing file is `false`; one that cannot
+/// be read is an error, not a verdict: dropping an acknowledged image's record on a read error would lose its
+/// republish.
+fn file_holds(path: &Path, size: u64, hash: &Hash) -> Result<bool, PathError> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).at("stat", path),
+    };
+    // Size first: it settles a missing or cut file without reading it.
+    if !meta.is_file() || meta.len() != size {
+        return Ok(false);
+    }
+    let mut file = File::open(path).at("open", path)?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher).at("read", path)?;
+    Ok(hasher.finalize()[..] == hash[..])
 }
 
 #[cfg(test)]
@@ -434,6 +457,10 @@ mod tests {
 
     fn h(n: u8) -> Hash {
         [n; 32]
+    }
+
+    fn sha(bytes: &[u8]) -> Hash {
+        Sha256::digest(bytes).into()
     }
 
     #[test]
@@ -572,12 +599,12 @@ mod tests {
             let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
             index
                 .record_stored(&[
-                    (h(1), 2, "a.jpg".into()),
-                    (h(2), 2, "b.jpg".into()),
-                    (h(3), 3, "c.jpg".into()),
+                    (sha(b"aa"), 2, "a.jpg".into()),
+                    (sha(b"bb"), 2, "b.jpg".into()),
+                    (sha(b"ccc"), 3, "c.jpg".into()),
                 ])
                 .unwrap();
-            index.record_confirmed(&[h(3)]).unwrap();
+            index.record_confirmed(&[sha(b"ccc")]).unwrap();
         }
         let mut raw = fs::OpenOptions::new()
             .append(true)
@@ -588,10 +615,13 @@ mod tests {
 
         let (index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
         assert_eq!(recovery.dropped, vec!["b.jpg".to_string()]);
-        assert_eq!(recovery.unconfirmed, vec![(h(1), "a.jpg".to_string())]);
+        assert_eq!(
+            recovery.unconfirmed,
+            vec![(sha(b"aa"), "a.jpg".to_string())]
+        );
         assert_eq!(recovery.torn_bytes, 11);
-        assert!(index.get(&h(3)).unwrap().confirmed);
-        assert!(index.get(&h(2)).is_none());
+        assert!(index.get(&sha(b"ccc")).unwrap().confirmed);
+        assert!(index.get(&sha(b"bb")).is_none());
 
         // What recovery decided is what the next start reads.
         drop(index);
@@ -642,5 +672,27 @@ mod tests {
         assert_eq!(index.len(), 10);
         let size = fs::metadata(state.path().join(FILE_NAME)).unwrap().len();
         assert!(size < 3000, "compacted log is {size} bytes");
+    }
+
+    #[test]
+    fn recovery_drops_a_record_whose_name_holds_other_bytes_of_the_same_size() {
+        let images = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        // An earlier run stored this under the name; after a restart within the same second the counter
+        // handed the name out again, and imaged died between the new record and the next name's.
+        fs::write(images.path().join("image_1.jpg"), b"earlier").unwrap();
+        {
+            let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
+            index
+                .record_stored(&[(sha(b"the new"), 7, "image_1.jpg".into())])
+                .unwrap();
+        }
+        let (index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
+        assert_eq!(recovery.dropped, vec!["image_1.jpg".to_string()]);
+        assert!(recovery.unconfirmed.is_empty(), "nothing to republish");
+        assert!(
+            index.get(&sha(b"the new")).is_none(),
+            "a redelivery is stored, not taken for a duplicate"
+        );
     }
 }
