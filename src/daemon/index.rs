@@ -12,10 +12,12 @@
 //! stored image has its record. An unconfirmed record whose file is missing, or holds other bytes (the name
 //! was taken, and the crash came before the next name's record), belongs to a rename that never became
 //! durable (its upload was never acknowledged) and is dropped. `P` records are not fsynced: losing one only
-//! means a second republish. A torn tail or a corrupted record is skipped with a warning, never trusted.
-//! An `S` record without its `P` is the durable outbox entry that lets imaged acknowledge an upload before the
-//! broker has confirmed the republish.
+//! means a second republish. A torn last line (a crash mid-append) or a corrupted record fails its checksum
+//! and is skipped with a warning, never trusted; an append never glues a record to the fragment a failed
+//! append left behind (see [`Index::append`]). An `S` record without its `P` is the durable outbox entry that
+//! lets imaged acknowledge an upload before the broker has confirmed the republish.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -188,7 +190,8 @@ fn apply(state: &mut Replayed, record: Record) {
 pub struct Index {
     path: PathBuf,
     file: File,
-    /// Length of the file up to the last complete record we wrote or read.
+    /// Length of the file up to the end of the last record we wrote or read whole: where the next record
+    /// goes. The file is longer only after a failed append (see [`Index::append`]).
     len: u64,
     records: usize,
     entries: HashMap<Hash, Entry>,
@@ -347,10 +350,28 @@ impl Index {
         self.maybe_compact()
     }
 
-    fn append(&mut self, bytes: &[u8], sync: bool) -> Result<(), PathError> {
+    /// Appends whole records. A record must start a line: one written after the fragment of an append that
+    /// failed part-way would be glued to it, fail its checksum on replay and be lost. A failed append cuts
+    /// its fragment off, but that can fail too; so before each append the file's end is checked against
+    /// `len`, and a stray tail is cut off, or, when even that fails, the records start on a new line, which
+    /// leaves the fragment a line of its own that replay skips as corrupt.
+    fn append(&mut self, records: &[u8], sync: bool) -> Result<(), PathError> {
+        let end = self.file.metadata().at("stat", &self.path)?.len();
+        let new_line = match tail_before_append(self.len, end) {
+            Tail::Clean => false,
+            Tail::CutBack => self.file.set_len(self.len).is_err(),
+            Tail::NewLine => true,
+        };
+        let bytes = if new_line {
+            // The file ends at `end`, whatever `len` said: where this append goes.
+            self.len = end;
+            Cow::Owned([&b"\n"[..], records].concat())
+        } else {
+            Cow::Borrowed(records)
+        };
         let result =
             self.file
-                .write_all(bytes)
+                .write_all(&bytes)
                 .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         match result {
             Ok(()) => {
@@ -358,7 +379,7 @@ impl Index {
                 Ok(())
             }
             Err(e) => {
-                // Best effort: a partial record left behind is caught by its checksum anyway.
+                // Best effort: the next append checks the end again.
                 let _ = self.file.set_len(self.len);
                 Err(e).at(if sync { "write and fsync" } else { "write" }, &self.path)
             }
@@ -432,6 +453,24 @@ impl Index {
     }
 }
 
+/// What an append must do first, given where the index believes the log ends and where it does end.
+#[derive(Debug, PartialEq, Eq)]
+enum Tail {
+    Clean,
+    /// A failed append left bytes after the last record: cut them off (and start a new line if that fails).
+    CutBack,
+    /// Shorter than believed, so it may end inside a record: start a new line.
+    NewLine,
+}
+
+fn tail_before_append(believed: u64, end: u64) -> Tail {
+    match end.cmp(&believed) {
+        std::cmp::Ordering::Equal => Tail::Clean,
+        std::cmp::Ordering::Greater => Tail::CutBack,
+        std::cmp::Ordering::Less => Tail::NewLine,
+    }
+}
+
 /// Whether `path` is a file of `size` bytes with SHA-256 `hash`. A missing file is `false`; one that cannot
 /// be read is an error, not a verdict: dropping an acknowledged image's record on a read error would lose its
 /// republish.
@@ -461,6 +500,16 @@ mod tests {
 
     fn sha(bytes: &[u8]) -> Hash {
         Sha256::digest(bytes).into()
+    }
+
+    /// Appends bytes without a newline through a handle of its own, as an append that failed part-way and
+    /// could not be cut back leaves them.
+    fn leave_fragment(state: &Path, fragment: &[u8]) {
+        let mut raw = fs::OpenOptions::new()
+            .append(true)
+            .open(state.join(FILE_NAME))
+            .unwrap();
+        raw.write_all(fragment).unwrap();
     }
 
     #[test]
@@ -606,12 +655,7 @@ mod tests {
                 .unwrap();
             index.record_confirmed(&[sha(b"ccc")]).unwrap();
         }
-        let mut raw = fs::OpenOptions::new()
-            .append(true)
-            .open(state.path().join(FILE_NAME))
-            .unwrap();
-        raw.write_all(b"S 0102 torn").unwrap();
-        drop(raw);
+        leave_fragment(state.path(), b"S 0102 torn");
 
         let (index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
         assert_eq!(recovery.dropped, vec!["b.jpg".to_string()]);
@@ -694,5 +738,114 @@ mod tests {
             index.get(&sha(b"the new")).is_none(),
             "a redelivery is stored, not taken for a duplicate"
         );
+    }
+
+    #[test]
+    fn an_append_cuts_off_what_follows_the_last_record_and_starts_a_new_line_after_a_short_log() {
+        assert_eq!(tail_before_append(100, 100), Tail::Clean);
+        assert_eq!(tail_before_append(100, 111), Tail::CutBack);
+        assert_eq!(tail_before_append(100, 90), Tail::NewLine);
+    }
+
+    #[test]
+    fn a_fragment_left_by_a_failed_append_never_swallows_the_next_record() {
+        let images = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        for (name, bytes) in [("a.jpg", b"aaaa"), ("b.jpg", b"bbbb")] {
+            fs::write(images.path().join(name), bytes).unwrap();
+        }
+        let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
+        index
+            .record_stored(&[(sha(b"aaaa"), 4, "a.jpg".into())])
+            .unwrap();
+        leave_fragment(state.path(), b"S 0102 torn");
+        index
+            .record_stored(&[(sha(b"bbbb"), 4, "b.jpg".into())])
+            .unwrap();
+        index.record_confirmed(&[sha(b"aaaa")]).unwrap();
+        drop(index);
+
+        let (index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
+        assert!(index.get(&sha(b"aaaa")).unwrap().confirmed);
+        assert!(
+            index.get(&sha(b"bbbb")).is_some(),
+            "the record after the fragment"
+        );
+        assert!(recovery.dropped.is_empty());
+        assert_eq!(recovery.bad_records, 0, "the fragment was cut off");
+    }
+
+    /// Sets or clears the append-only attribute (`chattr +a`): the file still takes appends but refuses to be
+    /// cut, so an append's attempt to cut back fails as it can on a failing disk. `Err` where that needs what
+    /// this machine lacks (root, a filesystem with the attribute).
+    fn set_append_only(path: &Path, on: bool) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        const FS_APPEND_FL: libc::c_int = 0x20;
+        let file = File::open(path)?;
+        let mut flags: libc::c_int = 0;
+        // SAFETY: FS_IOC_GETFLAGS and FS_IOC_SETFLAGS read and write one int, which lives in this frame.
+        unsafe {
+            if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            flags = if on {
+                flags | FS_APPEND_FL
+            } else {
+                flags & !FS_APPEND_FL
+            };
+            if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the append-only attribute again, so that the reopen can compact and the folder be removed.
+    struct AppendOnly(PathBuf);
+
+    impl Drop for AppendOnly {
+        fn drop(&mut self) {
+            let _ = set_append_only(&self.0, false);
+        }
+    }
+
+    #[test]
+    fn a_fragment_that_cannot_be_cut_off_is_left_on_a_line_of_its_own() {
+        let images = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        for (name, bytes) in [("a.jpg", b"aaaa"), ("b.jpg", b"bbbb"), ("c.jpg", b"cccc")] {
+            fs::write(images.path().join(name), bytes).unwrap();
+        }
+        let log = state.path().join(FILE_NAME);
+        let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
+        index
+            .record_stored(&[(sha(b"aaaa"), 4, "a.jpg".into())])
+            .unwrap();
+        leave_fragment(state.path(), b"S 0102 torn");
+        if let Err(e) = set_append_only(&log, true) {
+            println!("SKIP: cannot make {} append-only here: {e}", log.display());
+            return;
+        }
+        let guard = AppendOnly(log);
+        index
+            .record_stored(&[(sha(b"bbbb"), 4, "b.jpg".into())])
+            .unwrap();
+        // Cutting works again: an append that trusted a stale length would now cut b's record off.
+        drop(guard);
+        index
+            .record_stored(&[(sha(b"cccc"), 4, "c.jpg".into())])
+            .unwrap();
+        drop(index);
+
+        let (index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
+        for bytes in [b"aaaa", b"bbbb", b"cccc"] {
+            assert!(
+                index.get(&sha(bytes)).is_some(),
+                "{:?}",
+                std::str::from_utf8(bytes)
+            );
+        }
+        assert_eq!(recovery.bad_records, 1, "the fragment, on its own line");
+        assert!(recovery.dropped.is_empty());
     }
 }
