@@ -227,6 +227,11 @@ impl Index {
             .mode(0o600)
             .open(&path)
             .at("open", &path)?;
+        // The log's name is durable only once its folder is fsynced: after it was created here, and after a
+        // compaction whose run died before its own fsync of the folder. Without this, records fsynced from now
+        // on could vanish at a power cut with the name (or come back as the log before the compaction), and
+        // with them the dedup index and the outbox of images already acknowledged.
+        storage::sync_dir(state_dir)?;
         let replayed = replay(&mut file).at("read", &path)?;
         let file_len = file.metadata().at("stat", &path)?.len();
         let mut recovery = Recovery {
@@ -415,7 +420,6 @@ impl Index {
 
     /// Rewrites the log with only what is remembered: temp file, fsync, rename over, fsync the folder.
     fn compact(&mut self) -> Result<(), PathError> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
         let mut text = String::new();
         for hash in &self.order {
             if let Some(e) = self.entries.get(hash) {
@@ -429,18 +433,7 @@ impl Index {
             }
         }
         let records = self.entries.len();
-        let mut temp = tempfile::Builder::new()
-            .prefix(".index-")
-            .tempfile_in(dir)
-            .at("create a temp file in", dir)?;
-        temp.write_all(text.as_bytes()).at("write", temp.path())?;
-        temp.as_file().sync_data().at("fsync", temp.path())?;
-        temp.persist(&self.path).map_err(|e| PathError {
-            op: "replace",
-            path: self.path.clone(),
-            source: e.error,
-        })?;
-        storage::sync_dir(dir)?;
+        storage::replace_file(&self.path, text.as_bytes(), 0o600)?;
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -847,5 +840,80 @@ mod tests {
         }
         assert_eq!(recovery.bad_records, 1, "the fragment, on its own line");
         assert!(recovery.dropped.is_empty());
+    }
+
+    #[test]
+    fn the_index_keeps_its_records_through_a_power_cut_after_the_start_that_created_it() {
+        let Some(mut power) = storage::power_cut::PowerCut::mount(|backing| {
+            fs::create_dir_all(backing.join("images/.imaged")).unwrap();
+        }) else {
+            return;
+        };
+        let images = power.root().join("images");
+        let state = images.join(".imaged");
+        let (mut index, _) = Index::open(&state, &images, 100).unwrap();
+        index
+            .record_stored(&[(sha(b"aaaa"), 4, "a.jpg".into())])
+            .unwrap();
+        // The committer's rename, and the folder's fsync before the ack.
+        let temp = storage::write_temp(&images, b"aaaa", 0o640).unwrap();
+        storage::persist(temp, &images, "a.jpg").unwrap();
+        storage::sync_dir(&images).unwrap();
+        drop(index);
+        power.cut_and_reboot();
+
+        let (index, recovery) = Index::open(&state, &images, 100).unwrap();
+        assert_eq!(
+            recovery.unconfirmed,
+            vec![(sha(b"aaaa"), "a.jpg".to_string())]
+        );
+        assert!(index.get(&sha(b"aaaa")).is_some());
+    }
+
+    #[test]
+    fn records_appended_after_a_compaction_whose_folder_fsync_never_came_survive_a_power_cut() {
+        let old = Record::Stored {
+            hash: sha(b"aaaa"),
+            size: 4,
+            name: "a.jpg".into(),
+            confirmed: false,
+        };
+        let Some(mut power) = storage::power_cut::PowerCut::mount(|backing| {
+            fs::create_dir_all(backing.join("images/.imaged")).unwrap();
+            fs::write(backing.join("images/a.jpg"), b"aaaa").unwrap();
+            fs::write(backing.join("images/.imaged").join(FILE_NAME), old.encode()).unwrap();
+        }) else {
+            return;
+        };
+        let images = power.root().join("images");
+        let state = images.join(".imaged");
+        // A compaction renamed its log over the old one, and imaged died before it fsynced the folder.
+        let compacted = Record::Stored {
+            hash: sha(b"aaaa"),
+            size: 4,
+            name: "a.jpg".into(),
+            confirmed: true,
+        };
+        let temp = storage::write_temp(&state, compacted.encode().as_bytes(), 0o600).unwrap();
+        temp.persist(state.join(FILE_NAME)).unwrap();
+
+        // The restart, and an image stored after it.
+        let (mut index, _) = Index::open(&state, &images, 100).unwrap();
+        index
+            .record_stored(&[(sha(b"bbbb"), 4, "b.jpg".into())])
+            .unwrap();
+        let temp = storage::write_temp(&images, b"bbbb", 0o640).unwrap();
+        storage::persist(temp, &images, "b.jpg").unwrap();
+        storage::sync_dir(&images).unwrap();
+        drop(index);
+        power.cut_and_reboot();
+
+        let (index, recovery) = Index::open(&state, &images, 100).unwrap();
+        assert_eq!(
+            recovery.unconfirmed,
+            vec![(sha(b"bbbb"), "b.jpg".to_string())],
+            "the outbox entry of the image stored after the restart"
+        );
+        assert!(index.get(&sha(b"aaaa")).unwrap().confirmed);
     }
 }
