@@ -9,17 +9,22 @@
 //! ```
 //!
 //! An `S` record is fsynced *before* the image's temp file is renamed to `<name>`, so after a crash every
-//! stored image has its record; a record whose file is missing belongs to a rename that never became durable
-//! (its upload was never acknowledged) and is dropped. `P` records are not fsynced: losing one only means a
-//! second republish. A torn tail or a corrupted record is skipped with a warning, never trusted.
-//! An `S` record without its `P` is the durable outbox entry that lets imaged acknowledge an upload before the
-//! broker has confirmed the republish.
+//! stored image has its record. An unconfirmed record whose file is missing, or holds other bytes (the name
+//! was taken, and the crash came before the next name's record), belongs to a rename that never became
+//! durable (its upload was never acknowledged) and is dropped. `P` records are not fsynced: losing one only
+//! means a second republish. A torn last line (a crash mid-append) or a corrupted record fails its checksum
+//! and is skipped with a warning, never trusted; an append never glues a record to the fragment a failed
+//! append left behind (see [`Index::append`]). An `S` record without its `P` is the durable outbox entry that
+//! lets imaged acknowledge an upload before the broker has confirmed the republish.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use crate::storage::{self, hex, Context, PathError};
 
@@ -185,7 +190,8 @@ fn apply(state: &mut Replayed, record: Record) {
 pub struct Index {
     path: PathBuf,
     file: File,
-    /// Length of the file up to the last complete record we wrote or read.
+    /// Length of the file up to the end of the last record we wrote or read whole: where the next record
+    /// goes. The file is longer only after a failed append (see [`Index::append`]).
     len: u64,
     records: usize,
     entries: HashMap<Hash, Entry>,
@@ -221,6 +227,11 @@ impl Index {
             .mode(0o600)
             .open(&path)
             .at("open", &path)?;
+        // The log's name is durable only once its folder is fsynced: after it was created here, and after a
+        // compaction whose run died before its own fsync of the folder. Without this, records fsynced from now
+        // on could vanish at a power cut with the name (or come back as the log before the compaction), and
+        // with them the dedup index and the outbox of images already acknowledged.
+        storage::sync_dir(state_dir)?;
         let replayed = replay(&mut file).at("read", &path)?;
         let file_len = file.metadata().at("stat", &path)?.len();
         let mut recovery = Recovery {
@@ -242,13 +253,20 @@ impl Index {
             order: replayed.order,
             window,
         };
-        // An unconfirmed record whose file is not there was never acknowledged: forget it.
-        let missing: Vec<Hash> = index
-            .entries
-            .iter()
-            .filter(|(_, e)| !e.confirmed && !file_matches(&image_dir.join(&e.name), e.size))
-            .map(|(h, _)| *h)
-            .collect();
+        // An unconfirmed record whose file is not there, or is not this image, was never acknowledged:
+        // forget it. Content, not size: the record is durable before its rename, and when the name turned out
+        // to be taken (the name counter restarts after a restart within the same UTC second, or the clock
+        // stepped back) and imaged died before the next name's record, another file of the same size may
+        // stand under the name; trusting it would ack the redelivered image as a duplicate and republish the
+        // other bytes. Only unconfirmed records can be in that window (a republish is confirmed only after
+        // its image was committed), so this reads and hashes the outbox's files once per start: usually the
+        // last few hundred images, more when republishes went unconfirmed for long.
+        let mut missing = Vec::new();
+        for (hash, entry) in &index.entries {
+            if !entry.confirmed && !file_holds(&image_dir.join(&entry.name), entry.size, hash)? {
+                missing.push(*hash);
+            }
+        }
         for hash in missing {
             if let Some(entry) = index.entries.remove(&hash) {
                 recovery.dropped.push(entry.name);
@@ -337,10 +355,28 @@ impl Index {
         self.maybe_compact()
     }
 
-    fn append(&mut self, bytes: &[u8], sync: bool) -> Result<(), PathError> {
+    /// Appends whole records. A record must start a line: one written after the fragment of an append that
+    /// failed part-way would be glued to it, fail its checksum on replay and be lost. A failed append cuts
+    /// its fragment off, but that can fail too; so before each append the file's end is checked against
+    /// `len`, and a stray tail is cut off, or, when even that fails, the records start on a new line, which
+    /// leaves the fragment a line of its own that replay skips as corrupt.
+    fn append(&mut self, records: &[u8], sync: bool) -> Result<(), PathError> {
+        let end = self.file.metadata().at("stat", &self.path)?.len();
+        let new_line = match tail_before_append(self.len, end) {
+            Tail::Clean => false,
+            Tail::CutBack => self.file.set_len(self.len).is_err(),
+            Tail::NewLine => true,
+        };
+        let bytes = if new_line {
+            // The file ends at `end`, whatever `len` said: where this append goes.
+            self.len = end;
+            Cow::Owned([&b"\n"[..], records].concat())
+        } else {
+            Cow::Borrowed(records)
+        };
         let result =
             self.file
-                .write_all(bytes)
+                .write_all(&bytes)
                 .and_then(|()| if sync { self.file.sync_data() } else { Ok(()) });
         match result {
             Ok(()) => {
@@ -348,7 +384,7 @@ impl Index {
                 Ok(())
             }
             Err(e) => {
-                // Best effort: a partial record left behind is caught by its checksum anyway.
+                // Best effort: the next append checks the end again.
                 let _ = self.file.set_len(self.len);
                 Err(e).at(if sync { "write and fsync" } else { "write" }, &self.path)
             }
@@ -384,7 +420,6 @@ impl Index {
 
     /// Rewrites the log with only what is remembered: temp file, fsync, rename over, fsync the folder.
     fn compact(&mut self) -> Result<(), PathError> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
         let mut text = String::new();
         for hash in &self.order {
             if let Some(e) = self.entries.get(hash) {
@@ -398,18 +433,7 @@ impl Index {
             }
         }
         let records = self.entries.len();
-        let mut temp = tempfile::Builder::new()
-            .prefix(".index-")
-            .tempfile_in(dir)
-            .at("create a temp file in", dir)?;
-        temp.write_all(text.as_bytes()).at("write", temp.path())?;
-        temp.as_file().sync_data().at("fsync", temp.path())?;
-        temp.persist(&self.path).map_err(|e| PathError {
-            op: "replace",
-            path: self.path.clone(),
-            source: e.error,
-        })?;
-        storage::sync_dir(dir)?;
+        storage::replace_file(&self.path, text.as_bytes(), 0o600)?;
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -422,10 +446,41 @@ impl Index {
     }
 }
 
-fn file_matches(path: &Path, size: u64) -> bool {
-    fs::metadata(path)
-        .map(|m| m.is_file() && m.len() == size)
-        .unwrap_or(false)
+/// What an append must do first, given where the index believes the log ends and where it does end.
+#[derive(Debug, PartialEq, Eq)]
+enum Tail {
+    Clean,
+    /// A failed append left bytes after the last record: cut them off (and start a new line if that fails).
+    CutBack,
+    /// Shorter than believed, so it may end inside a record: start a new line.
+    NewLine,
+}
+
+fn tail_before_append(believed: u64, end: u64) -> Tail {
+    match end.cmp(&believed) {
+        std::cmp::Ordering::Equal => Tail::Clean,
+        std::cmp::Ordering::Greater => Tail::CutBack,
+        std::cmp::Ordering::Less => Tail::NewLine,
+    }
+}
+
+/// Whether `path` is a file of `size` bytes with SHA-256 `hash`. A missing file is `false`; one that cannot
+/// be read is an error, not a verdict: dropping an acknowledged image's record on a read error would lose its
+/// republish.
+fn file_holds(path: &Path, size: u64, hash: &Hash) -> Result<bool, PathError> {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).at("stat", path),
+    };
+    // Size first: it settles a missing or cut file without reading it.
+    if !meta.is_file() || meta.len() != size {
+        return Ok(false);
+    }
+    let mut file = File::open(path).at("open", path)?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher).at("read", path)?;
+    Ok(hasher.finalize()[..] == hash[..])
 }
 
 #[cfg(test)]
@@ -434,6 +489,20 @@ mod tests {
 
     fn h(n: u8) -> Hash {
         [n; 32]
+    }
+
+    fn sha(bytes: &[u8]) -> Hash {
+        Sha256::digest(bytes).into()
+    }
+
+    /// Appends bytes without a newline through a handle of its own, as an append that failed part-way and
+    /// could not be cut back leaves them.
+    fn leave_fragment(state: &Path, fragment: &[u8]) {
+        let mut raw = fs::OpenOptions::new()
+            .append(true)
+            .open(state.join(FILE_NAME))
+            .unwrap();
+        raw.write_all(fragment).unwrap();
     }
 
     #[test]
@@ -572,26 +641,24 @@ mod tests {
             let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
             index
                 .record_stored(&[
-                    (h(1), 2, "a.jpg".into()),
-                    (h(2), 2, "b.jpg".into()),
-                    (h(3), 3, "c.jpg".into()),
+                    (sha(b"aa"), 2, "a.jpg".into()),
+                    (sha(b"bb"), 2, "b.jpg".into()),
+                    (sha(b"ccc"), 3, "c.jpg".into()),
                 ])
                 .unwrap();
-            index.record_confirmed(&[h(3)]).unwrap();
+            index.record_confirmed(&[sha(b"ccc")]).unwrap();
         }
-        let mut raw = fs::OpenOptions::new()
-            .append(true)
-            .open(state.path().join(FILE_NAME))
-            .unwrap();
-        raw.write_all(b"S 0102 torn").unwrap();
-        drop(raw);
+        leave_fragment(state.path(), b"S 0102 torn");
 
         let (index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
         assert_eq!(recovery.dropped, vec!["b.jpg".to_string()]);
-        assert_eq!(recovery.unconfirmed, vec![(h(1), "a.jpg".to_string())]);
+        assert_eq!(
+            recovery.unconfirmed,
+            vec![(sha(b"aa"), "a.jpg".to_string())]
+        );
         assert_eq!(recovery.torn_bytes, 11);
-        assert!(index.get(&h(3)).unwrap().confirmed);
-        assert!(index.get(&h(2)).is_none());
+        assert!(index.get(&sha(b"ccc")).unwrap().confirmed);
+        assert!(index.get(&sha(b"bb")).is_none());
 
         // What recovery decided is what the next start reads.
         drop(index);
@@ -642,5 +709,211 @@ mod tests {
         assert_eq!(index.len(), 10);
         let size = fs::metadata(state.path().join(FILE_NAME)).unwrap().len();
         assert!(size < 3000, "compacted log is {size} bytes");
+    }
+
+    #[test]
+    fn recovery_drops_a_record_whose_name_holds_other_bytes_of_the_same_size() {
+        let images = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        // An earlier run stored this under the name; after a restart within the same second the counter
+        // handed the name out again, and imaged died between the new record and the next name's.
+        fs::write(images.path().join("image_1.jpg"), b"earlier").unwrap();
+        {
+            let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
+            index
+                .record_stored(&[(sha(b"the new"), 7, "image_1.jpg".into())])
+                .unwrap();
+        }
+        let (index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
+        assert_eq!(recovery.dropped, vec!["image_1.jpg".to_string()]);
+        assert!(recovery.unconfirmed.is_empty(), "nothing to republish");
+        assert!(
+            index.get(&sha(b"the new")).is_none(),
+            "a redelivery is stored, not taken for a duplicate"
+        );
+    }
+
+    #[test]
+    fn an_append_cuts_off_what_follows_the_last_record_and_starts_a_new_line_after_a_short_log() {
+        assert_eq!(tail_before_append(100, 100), Tail::Clean);
+        assert_eq!(tail_before_append(100, 111), Tail::CutBack);
+        assert_eq!(tail_before_append(100, 90), Tail::NewLine);
+    }
+
+    #[test]
+    fn a_fragment_left_by_a_failed_append_never_swallows_the_next_record() {
+        let images = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        for (name, bytes) in [("a.jpg", b"aaaa"), ("b.jpg", b"bbbb")] {
+            fs::write(images.path().join(name), bytes).unwrap();
+        }
+        let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
+        index
+            .record_stored(&[(sha(b"aaaa"), 4, "a.jpg".into())])
+            .unwrap();
+        leave_fragment(state.path(), b"S 0102 torn");
+        index
+            .record_stored(&[(sha(b"bbbb"), 4, "b.jpg".into())])
+            .unwrap();
+        index.record_confirmed(&[sha(b"aaaa")]).unwrap();
+        drop(index);
+
+        let (index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
+        assert!(index.get(&sha(b"aaaa")).unwrap().confirmed);
+        assert!(
+            index.get(&sha(b"bbbb")).is_some(),
+            "the record after the fragment"
+        );
+        assert!(recovery.dropped.is_empty());
+        assert_eq!(recovery.bad_records, 0, "the fragment was cut off");
+    }
+
+    /// Sets or clears the append-only attribute (`chattr +a`): the file still takes appends but refuses to be
+    /// cut, so an append's attempt to cut back fails as it can on a failing disk. `Err` where that needs what
+    /// this machine lacks (root, a filesystem with the attribute).
+    fn set_append_only(path: &Path, on: bool) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        const FS_APPEND_FL: libc::c_int = 0x20;
+        let file = File::open(path)?;
+        let mut flags: libc::c_int = 0;
+        // SAFETY: FS_IOC_GETFLAGS and FS_IOC_SETFLAGS read and write one int, which lives in this frame.
+        unsafe {
+            if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            flags = if on {
+                flags | FS_APPEND_FL
+            } else {
+                flags & !FS_APPEND_FL
+            };
+            if libc::ioctl(file.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears the append-only attribute again, so that the reopen can compact and the folder be removed.
+    struct AppendOnly(PathBuf);
+
+    impl Drop for AppendOnly {
+        fn drop(&mut self) {
+            let _ = set_append_only(&self.0, false);
+        }
+    }
+
+    #[test]
+    fn a_fragment_that_cannot_be_cut_off_is_left_on_a_line_of_its_own() {
+        let images = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        for (name, bytes) in [("a.jpg", b"aaaa"), ("b.jpg", b"bbbb"), ("c.jpg", b"cccc")] {
+            fs::write(images.path().join(name), bytes).unwrap();
+        }
+        let log = state.path().join(FILE_NAME);
+        let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
+        index
+            .record_stored(&[(sha(b"aaaa"), 4, "a.jpg".into())])
+            .unwrap();
+        leave_fragment(state.path(), b"S 0102 torn");
+        if let Err(e) = set_append_only(&log, true) {
+            println!("SKIP: cannot make {} append-only here: {e}", log.display());
+            return;
+        }
+        let guard = AppendOnly(log);
+        index
+            .record_stored(&[(sha(b"bbbb"), 4, "b.jpg".into())])
+            .unwrap();
+        // Cutting works again: an append that trusted a stale length would now cut b's record off.
+        drop(guard);
+        index
+            .record_stored(&[(sha(b"cccc"), 4, "c.jpg".into())])
+            .unwrap();
+        drop(index);
+
+        let (index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
+        for bytes in [b"aaaa", b"bbbb", b"cccc"] {
+            assert!(
+                index.get(&sha(bytes)).is_some(),
+                "{:?}",
+                std::str::from_utf8(bytes)
+            );
+        }
+        assert_eq!(recovery.bad_records, 1, "the fragment, on its own line");
+        assert!(recovery.dropped.is_empty());
+    }
+
+    #[test]
+    fn the_index_keeps_its_records_through_a_power_cut_after_the_start_that_created_it() {
+        let Some(mut power) = storage::power_cut::PowerCut::mount(|backing| {
+            fs::create_dir_all(backing.join("images/.imaged")).unwrap();
+        }) else {
+            return;
+        };
+        let images = power.root().join("images");
+        let state = images.join(".imaged");
+        let (mut index, _) = Index::open(&state, &images, 100).unwrap();
+        index
+            .record_stored(&[(sha(b"aaaa"), 4, "a.jpg".into())])
+            .unwrap();
+        // The committer's rename, and the folder's fsync before the ack.
+        let temp = storage::write_temp(&images, b"aaaa", 0o640).unwrap();
+        storage::persist(temp, &images, "a.jpg").unwrap();
+        storage::sync_dir(&images).unwrap();
+        drop(index);
+        power.cut_and_reboot();
+
+        let (index, recovery) = Index::open(&state, &images, 100).unwrap();
+        assert_eq!(
+            recovery.unconfirmed,
+            vec![(sha(b"aaaa"), "a.jpg".to_string())]
+        );
+        assert!(index.get(&sha(b"aaaa")).is_some());
+    }
+
+    #[test]
+    fn records_appended_after_a_compaction_whose_folder_fsync_never_came_survive_a_power_cut() {
+        let old = Record::Stored {
+            hash: sha(b"aaaa"),
+            size: 4,
+            name: "a.jpg".into(),
+            confirmed: false,
+        };
+        let Some(mut power) = storage::power_cut::PowerCut::mount(|backing| {
+            fs::create_dir_all(backing.join("images/.imaged")).unwrap();
+            fs::write(backing.join("images/a.jpg"), b"aaaa").unwrap();
+            fs::write(backing.join("images/.imaged").join(FILE_NAME), old.encode()).unwrap();
+        }) else {
+            return;
+        };
+        let images = power.root().join("images");
+        let state = images.join(".imaged");
+        // A compaction renamed its log over the old one, and imaged died before it fsynced the folder.
+        let compacted = Record::Stored {
+            hash: sha(b"aaaa"),
+            size: 4,
+            name: "a.jpg".into(),
+            confirmed: true,
+        };
+        let temp = storage::write_temp(&state, compacted.encode().as_bytes(), 0o600).unwrap();
+        temp.persist(state.join(FILE_NAME)).unwrap();
+
+        // The restart, and an image stored after it.
+        let (mut index, _) = Index::open(&state, &images, 100).unwrap();
+        index
+            .record_stored(&[(sha(b"bbbb"), 4, "b.jpg".into())])
+            .unwrap();
+        let temp = storage::write_temp(&images, b"bbbb", 0o640).unwrap();
+        storage::persist(temp, &images, "b.jpg").unwrap();
+        storage::sync_dir(&images).unwrap();
+        drop(index);
+        power.cut_and_reboot();
+
+        let (index, recovery) = Index::open(&state, &images, 100).unwrap();
+        assert_eq!(
+            recovery.unconfirmed,
+            vec![(sha(b"bbbb"), "b.jpg".to_string())],
+            "the outbox entry of the image stored after the restart"
+        );
+        assert!(index.get(&sha(b"aaaa")).unwrap().confirmed);
     }
 }

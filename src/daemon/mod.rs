@@ -173,24 +173,42 @@ async fn trim_memory(health: Arc<Health>) {
     }
 }
 
-/// Creates the folders, removes temp files a crash left behind, proves the folders writable, and opens the
-/// index (recovering it after a crash).
+/// Creates the folders, removes temp files a crash left behind, makes what the folders hold durable, proves
+/// them writable, and opens the index (recovering it after a crash).
 fn open_storage(config: &Config) -> Result<(Index, Recovery), PathError> {
     let images = &config.storage.dir;
     let quarantine = config.quarantine_dir();
     let state = config.state_dir();
     for dir in [images, &quarantine, &state] {
         storage::create_dir(dir, storage::DIR_MODE)?;
-    }
-    for dir in [images, &quarantine] {
         let removed = storage::sweep_temp_files(dir)?;
         if removed > 0 {
-            info!("Removed {removed} unfinished temp files from {} (writes cut short, never acknowledged)", dir.display());
+            info!("Removed {removed} unfinished temp files from {} (writes a crash cut short, never acknowledged)", dir.display());
         }
+    }
+    for dir in [images, &quarantine] {
+        // A run killed between its renames and the folder's fsync leaves names that are only in the page
+        // cache. The index recovery below would take such an image as stored and its redelivery would be
+        // acknowledged as a duplicate, while a power cut could still take the file away: so the folder is made
+        // durable as it is before anything in it is trusted (the sweep's removals with it).
+        storage::sync_dir(dir)?;
         // Writable now, or say so before READY.
         drop(storage::write_temp(dir, b"", config.storage.file_mode.0)?);
     }
-    Index::open(&state, images, config.storage.dedup_window)
+    // The state folder is fsynced by Index::open, after it may have created the log there.
+    let (index, recovery) = Index::open(&state, images, config.storage.dedup_window)?;
+    // Images in camera and date folders: the folders of the outbox's images are the ones a killed run may
+    // not have fsynced yet (an acknowledged image's folder was), so they too are made durable now.
+    let folders: std::collections::BTreeSet<_> = recovery
+        .unconfirmed
+        .iter()
+        .filter_map(|(_, name)| images.join(name).parent().map(std::path::Path::to_path_buf))
+        .filter(|folder| folder != images)
+        .collect();
+    for folder in folders {
+        storage::sync_dir(&folder)?;
+    }
+    Ok((index, recovery))
 }
 
 fn log_recovery(r: &Recovery) {
@@ -208,4 +226,49 @@ fn log_recovery(r: &Recovery) {
         r.entries,
         r.unconfirmed.len()
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+    use storage::power_cut::PowerCut;
+
+    #[test]
+    fn start_up_makes_an_image_a_crash_left_unsynced_durable_before_the_index_trusts_it() {
+        let Some(mut power) = PowerCut::mount(|_| {}) else {
+            return;
+        };
+        let mut config = Config::default();
+        config.storage.dir = power.root().join("images");
+        let images = config.storage.dir.clone();
+        let image = b"\xFF\xD8\xFF an image \xFF\xD9";
+        let hash: index::Hash = Sha256::digest(image).into();
+        {
+            let (mut index, _) = open_storage(&config).unwrap();
+            // The committer's record and rename, then kill -9 before its fsync of the folder.
+            index
+                .record_stored(&[(hash, image.len() as u64, "image_1.jpg".into())])
+                .unwrap();
+            let temp = storage::write_temp(&images, image, 0o640).unwrap();
+            assert!(matches!(
+                storage::persist(temp, &images, "image_1.jpg").unwrap(),
+                storage::Persisted::Done
+            ));
+        }
+        // The restart: the image counts as stored, so its redelivery will be acknowledged as a duplicate.
+        let (index, recovery) = open_storage(&config).unwrap();
+        assert_eq!(
+            recovery.unconfirmed,
+            vec![(hash, "image_1.jpg".to_string())]
+        );
+        assert!(index.get(&hash).is_some());
+        drop(index);
+        power.cut_and_reboot();
+        assert_eq!(
+            std::fs::read(images.join("image_1.jpg")).unwrap(),
+            image,
+            "the image acknowledged as stored is still there"
+        );
+    }
 }

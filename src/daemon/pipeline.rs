@@ -802,6 +802,12 @@ impl Committer {
     }
 }
 
+/// The dedup guard: whether a remembered image's file is still there. Size, not content, and that is enough:
+/// an entry gets here only as one recovery checked by content (an unconfirmed one), as one whose republish
+/// was confirmed (only ever sent after its image was committed), or as one recorded in this run, whose
+/// upload is in `deciding` until it is committed, so that a copy arriving first is a duplicate of an image
+/// still being stored whatever its entry says. Once committed a file is never replaced by imaged, so what
+/// this catches is a file someone removed; hashing it at every redelivery would read each image again.
 fn file_has_size(path: &Path, size: u64) -> bool {
     std::fs::metadata(path)
         .map(|m| m.is_file() && m.len() == size)

@@ -15,7 +15,7 @@
 //! * reconnects back off with jitter, and each episode of trouble is logged once, in words.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -424,16 +424,7 @@ impl Session {
 
     fn remember_subscription(&self) {
         let file = &self.settings.subscription_file;
-        let dir = file.parent().unwrap_or(Path::new("."));
-        let written =
-            storage::write_temp(dir, self.settings.upload.as_bytes(), 0o600).and_then(|temp| {
-                temp.persist(file).map_err(|e| storage::PathError {
-                    op: "replace",
-                    path: file.clone(),
-                    source: e.error,
-                })
-            });
-        if let Err(e) = written {
+        if let Err(e) = storage::replace_file(file, self.settings.upload.as_bytes(), 0o600) {
             warn!("{e}; a later change of topics.upload will not unsubscribe this filter");
         }
     }
