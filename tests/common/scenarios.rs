@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::load::{publish_all, publish_each, Ledger, Mode, Proxy};
+use super::powercut::{usable, Power};
 use super::*;
 
 pub const UPLOAD: &str = "image/upload";
@@ -624,4 +625,125 @@ impl Run {
         t.partial += l.partial;
         t.lost_by_broker += l.lost_by_broker;
     }
+}
+
+/// What a run of power cuts found: the ledger under the cuts, the one after a last cut at rest, what each cut
+/// kept, and what `.imaged/subscription` held at the end.
+pub struct PowerCuts {
+    pub run: Run,
+    pub at_rest: Ledger,
+    pub history: Vec<String>,
+    pub subscription: Option<String>,
+}
+
+/// Fault 6: imaged on the power-cut filesystem (tests/powercut), killed -9 and the power cut at random moments
+/// under a stream of images, `cuts` times, then started again on what survived. `None` where the filesystem
+/// cannot be used (it says why).
+pub fn power_cuts(seed: u64, cuts: usize) -> Option<PowerCuts> {
+    let bin = usable()?;
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    // The mount is the storage folder itself (so the state folder, <dir>/.imaged, is on it too), where the
+    // harness looks for stored images.
+    let mut daemon = Daemon::prepare(broker.port, "", &[]);
+    let backing = daemon.dir.join("backing");
+    fs::create_dir_all(&backing).unwrap();
+    fs::create_dir_all(&daemon.images).unwrap();
+    let mut power = Power::on(&bin, &backing, &daemon.images);
+    daemon.spawn();
+    daemon.wait_ready();
+
+    // A batch per cut, published while imaged runs, so the cut lands while it works through the batch (or,
+    // after a longer pause, once it is idle again). Batches of very different sizes: a large backlog is what
+    // makes imaged hold many acknowledged uploads whose republish is not confirmed yet.
+    let sizes: Vec<usize> = (0..cuts).map(|_| rng.usize(20..=400)).collect();
+    let imgs = images(seed, sizes.iter().sum(), 1_000, 30_000);
+    let mut acked = Vec::new();
+    let mut history = Vec::new();
+    let mut rest = &imgs[..];
+    for (cut, size) in sizes.iter().enumerate() {
+        let cut = cut + 1;
+        let (batch, later) = rest.split_at(*size);
+        rest = later;
+        let publisher = {
+            let (port, batch) = (broker.port, batch.to_vec());
+            std::thread::spawn(move || {
+                publish_all(port, UPLOAD, &batch, 32, Duration::from_secs(120))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(rng.u64(20..=400)));
+        daemon.kill9();
+        let report = power.cut_and_reboot();
+        history.push(format!(
+            "cut {cut:2}: {}, {} .jpg kept; {}",
+            state_folder(&backing),
+            jpgs(&backing),
+            report.trim_start_matches("powercut-fs: power cut: ")
+        ));
+        // The broker acknowledges the sender whether imaged runs or not.
+        acked.extend(publisher.join().unwrap());
+        daemon.spawn();
+        daemon.wait_ready_n(cut + 1);
+    }
+    let ledger = settle(&daemon, &broker, &observer, &imgs, &acked);
+
+    // And once more at rest: what imaged reported stored must survive a cut too.
+    daemon.kill9();
+    let report = power.cut_and_reboot();
+    history.push(format!(
+        "final cut: {}, {} .jpg kept; {}",
+        state_folder(&backing),
+        jpgs(&backing),
+        report.trim_start_matches("powercut-fs: power cut: ")
+    ));
+    let at_rest = Ledger::count(
+        &imgs,
+        &acked,
+        &daemon.images,
+        &observer.seen(),
+        &confirmed_republishes(&daemon),
+    );
+    let subscription = fs::read_to_string(backing.join(".imaged/subscription")).ok();
+    drop(power);
+    Some(PowerCuts {
+        run: Run {
+            kind: "power cut",
+            faults: cuts + 1,
+            ledger,
+        },
+        at_rest,
+        history,
+        subscription,
+    })
+}
+
+/// What the state folder held after a cut, for the report.
+fn state_folder(backing: &Path) -> String {
+    let dir = backing.join(".imaged");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return ".imaged MISSING".into();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .map(|e| {
+            let len = e.metadata().map(|m| m.len()).unwrap_or(0);
+            format!("{} ({len} B)", e.file_name().to_string_lossy())
+        })
+        .collect();
+    names.sort();
+    if !names.iter().any(|n| n.starts_with("index.log ")) {
+        names.push("index.log MISSING".into());
+    }
+    format!(".imaged: {}", names.join(", "))
+}
+
+fn jpgs(dir: &Path) -> usize {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".jpg"))
+                .count()
+        })
+        .unwrap_or(0)
 }
