@@ -8,7 +8,8 @@
 //! Rules it keeps:
 //! * a connection has a generation; an upload is acknowledged only on the connection it came on (after a
 //!   reconnect the same packet id may name another message), otherwise the broker redelivers it and dedup
-//!   settles it again;
+//!   settles it again. What rumqttc had parsed on a connection that failed comes after that connection's
+//!   error and before the next ConnAck ([`mqtt::after_failure`]), so it is never taken for the new one's;
 //! * republishes are matched to their packet ids through rumqttc's `Outgoing::Publish` events, which come in
 //!   request order; those a lost broker session dropped go back to the pipeline to be sent again;
 //! * it stops reading from the broker while `limits.inflight_*` uploads are unsettled, which bounds memory;
