@@ -50,6 +50,8 @@ pub struct Settings {
     pub stored: String,
     pub max_images: usize,
     pub max_bytes: usize,
+    /// Republishes in flight at once (see [`super::republish_window`]).
+    pub republish_window: usize,
     /// The incoming packet limit for normal operation (see [`mqtt::events`]).
     pub max_packet: usize,
     /// Where the upload filter of the persistent session is remembered, so that a changed `topics.upload`
@@ -124,7 +126,7 @@ impl Session {
         let unsubscribe = stale_filter(remembered.as_deref(), &settings.upload);
         Session {
             beat: health.register("MQTT event loop"),
-            republishes: PublishWindow::new(settings.max_images),
+            republishes: PublishWindow::new(settings.republish_window),
             settings,
             client,
             pipeline,
