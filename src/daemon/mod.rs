@@ -118,6 +118,7 @@ async fn serve(config: Config) -> Result<(), Error> {
             max_bytes: limits.inflight_bytes,
             republish_window: usize::from(inflight),
             max_packet: config.max_packet_bytes(),
+            keep_alive: Duration::from_secs(config.broker.keep_alive_secs),
             subscription_file: config.state_dir().join("subscription"),
         },
         client,

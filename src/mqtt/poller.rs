@@ -1,12 +1,15 @@
 //! rumqttc's event loop as a stream that backs off between reconnects, refuses an oversized packet without a
-//! reconnect loop, and keeps the events of a connection that failed with that connection.
+//! reconnect loop, keeps the events of a connection that failed with that connection, and keeps a connection
+//! alive with pings alone while its user reads nothing.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use rumqttc::{ConnectionError, Event, EventLoop, Incoming, StateError};
+use rumqttc::{ConnectionError, Event, EventLoop, Incoming, Outgoing, Packet, StateError};
 
 use crate::backoff::Backoff;
 
@@ -22,6 +25,9 @@ struct Poller {
     raised: bool,
     /// A failed connection's last events, to hand out before polling again (see [`after_failure`]).
     queued: VecDeque<Polled>,
+    holding: Holding,
+    /// Pings went out while holding, since the last poll.
+    pinged: bool,
 }
 
 /// An event with, after an error, how long until the next attempt.
@@ -30,6 +36,21 @@ pub type Polled = (Result<Event, ConnectionError>, Option<Duration>);
 /// The stream [`events`] returns.
 pub type Events = Pin<Box<dyn Stream<Item = Polled> + Send>>;
 
+/// Tells a stream from [`events_holding`] that its user holds back reading from the broker.
+#[derive(Debug, Clone, Default)]
+pub struct Holding(Arc<AtomicBool>);
+
+impl Holding {
+    /// While set, the next item the stream is asked for is a keep-alive ping instead of a poll.
+    pub fn set(&self, holding: bool) {
+        self.0.store(holding, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Turns an event loop into a stream that reconnects with capped, jittered backoff. Waiting on the stream's
 /// `next()` in a `select!` is safe: an unfinished poll stays inside the stream, it is not cancelled.
 /// `max_packet` is the normal incoming limit; a packet over it is taken once with a larger limit so it can be
@@ -37,6 +58,19 @@ pub type Events = Pin<Box<dyn Stream<Item = Polled> + Send>>;
 /// Events rumqttc had parsed on a connection that then failed come right after that connection's error and
 /// before the next ConnAck ([`after_failure`]).
 pub fn events(eventloop: EventLoop, max_packet: usize) -> Events {
+    events_holding(eventloop, max_packet, Holding::default())
+}
+
+/// [`events`] for a user that at times stops reading from the broker to bound its memory (the daemon, while
+/// its window of unsettled uploads is full). While `holding` is set, asking the stream for its next item
+/// writes a PINGREQ and yields `Outgoing::PingReq`, and reads nothing: the broker hears from the client
+/// and keeps the connection, and nothing more comes into memory. rumqttc pings only from inside a poll, and
+/// a poll also reads (up to nine packets at a time); a user that stops polling altogether is dropped by the
+/// broker after one and a half keep-alives without knowing it.
+///
+/// The user asks for an item while holding only when a ping is due; a write that fails is a connection
+/// error like any other.
+pub fn events_holding(eventloop: EventLoop, max_packet: usize, holding: Holding) -> Events {
     let poller = Poller {
         eventloop,
         backoff: Backoff::broker(),
@@ -44,47 +78,90 @@ pub fn events(eventloop: EventLoop, max_packet: usize) -> Events {
         max_packet,
         raised: false,
         queued: VecDeque::new(),
+        holding,
+        pinged: false,
     };
     Box::pin(futures_util::stream::unfold(poller, |mut p| async move {
-        if let Some(queued) = p.queued.pop_front() {
-            return Some((queued, p));
+        let next = p.next().await;
+        Some((next, p))
+    }))
+}
+
+impl Poller {
+    async fn next(&mut self) -> Polled {
+        if let Some(queued) = self.queued.pop_front() {
+            return queued;
         }
-        if let Some(wait) = p.wait.take() {
+        if self.holding.get() && self.eventloop.network.is_some() {
+            return match ping(&mut self.eventloop).await {
+                Ok(()) => {
+                    self.pinged = true;
+                    (Ok(Event::Outgoing(Outgoing::PingReq)), None)
+                }
+                Err(e) => {
+                    // What rumqttc does at a failed write of its own: the next poll reconnects.
+                    self.eventloop.clean();
+                    self.failed(e)
+                }
+            };
+        }
+        if let Some(wait) = self.wait.take() {
             tokio::time::sleep(wait).await;
         }
-        let event = p.eventloop.poll().await;
-        match &event {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                p.backoff.reset();
-                if p.raised {
-                    // The limit only matters when a connection is made; this one keeps the raised one.
-                    p.eventloop
-                        .mqtt_options
-                        .set_max_packet_size(p.max_packet, p.max_packet);
-                    p.raised = false;
-                }
-            }
-            Err(e) => {
-                if let Some(size) = oversized(e) {
-                    // rumqttc cannot skip a packet over its limit: take it once with a larger limit, so the
-                    // pipeline can refuse and acknowledge it.
-                    p.eventloop
-                        .mqtt_options
-                        .set_max_packet_size(size.saturating_add(16), p.max_packet);
-                    p.raised = true;
-                }
-                p.wait = Some(p.backoff.next_delay());
-            }
-            Ok(_) => {}
+        if std::mem::take(&mut self.pinged) {
+            // rumqttc waits for the PINGRESP of its own last ping before it pings again, or takes the
+            // connection for dead. Nothing was read while holding, so that PINGRESP may still wait behind
+            // uploads the broker sent first; the pings of the hold are answered after it.
+            self.eventloop.state.await_pingresp = false;
         }
-        let wait = p.wait;
-        if let Err(error) = event {
-            p.queued = after_failure(error, wait, p.eventloop.state.events.drain(..));
-            let first = p.queued.pop_front().expect("the error is queued");
-            return Some((first, p));
+        match self.eventloop.poll().await {
+            Ok(event) => {
+                if let Event::Incoming(Incoming::ConnAck(_)) = event {
+                    self.connected();
+                }
+                (Ok(event), None)
+            }
+            Err(e) => self.failed(e),
         }
-        Some(((event, wait), p))
-    }))
+    }
+
+    fn connected(&mut self) {
+        self.backoff.reset();
+        if self.raised {
+            // The limit only matters when a connection is made; this one keeps the raised one.
+            self.eventloop
+                .mqtt_options
+                .set_max_packet_size(self.max_packet, self.max_packet);
+            self.raised = false;
+        }
+    }
+
+    fn failed(&mut self, error: ConnectionError) -> Polled {
+        if let Some(size) = oversized(&error) {
+            // rumqttc cannot skip a packet over its limit: take it once with a larger limit, so the
+            // pipeline can refuse and acknowledge it.
+            self.eventloop
+                .mqtt_options
+                .set_max_packet_size(size.saturating_add(16), self.max_packet);
+            self.raised = true;
+        }
+        let wait = self.backoff.next_delay();
+        self.wait = Some(wait);
+        self.queued = after_failure(error, Some(wait), self.eventloop.state.events.drain(..));
+        self.queued.pop_front().expect("the error is queued")
+    }
+}
+
+/// Writes a PINGREQ on the connection, as rumqttc's own keep-alive does, but without its state: rumqttc does
+/// not wait for the answer (see [`Poller::next`]), and its PINGRESP is harmless whenever it is read.
+async fn ping(eventloop: &mut EventLoop) -> Result<(), ConnectionError> {
+    let timeout = Duration::from_secs(eventloop.network_options.connection_timeout());
+    let network = eventloop.network.as_mut().expect("connected");
+    network.write(Packet::PingReq).await?;
+    tokio::time::timeout(timeout, network.flush())
+        .await
+        .map_err(|_| ConnectionError::FlushTimeout)??;
+    Ok(())
 }
 
 /// What the stream yields for a failed connection: its error, then the events rumqttc had already parsed or
@@ -162,6 +239,28 @@ mod tests {
         let mut body = vec![0; len];
         s.read_exact(&mut body).unwrap();
         (header, body)
+    }
+
+    /// A scripted broker for one connection: `script` runs after its CONNECT, then the connection is held open
+    /// until the client goes.
+    fn broker_once(script: impl FnOnce(&mut TcpStream) + Send + 'static) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut one, _) = listener.accept().unwrap();
+            read_packet(&mut one);
+            script(&mut one);
+            while one.read(&mut [0; 4096]).is_ok_and(|n| n > 0) {}
+        });
+        port
+    }
+
+    async fn next_event(events: &mut Events) -> Result<Event, ConnectionError> {
+        tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("the next event")
+            .expect("the stream goes on")
+            .0
     }
 
     /// A scripted broker: `first` runs on the first connection after its CONNECT; the second connection gets a
@@ -292,5 +391,66 @@ mod tests {
         let seen = until_second_connack(events(eventloop, 8 << 20)).await;
         assert_eq!(seen[..2], ["ConnAck", "Err"]);
         assert_eq!(seen[2..], ["Outgoing::Publish(1)", "ConnAck"]);
+    }
+
+    #[tokio::test]
+    async fn while_holding_the_stream_pings_and_reads_nothing() {
+        let (sent, received) = std::sync::mpsc::channel();
+        let port = broker_once(move |s| {
+            // CONNACK and PUBLISH 7 at once: the upload waits in the client's buffer.
+            let mut burst = vec![0x20, 2, 0, 0];
+            burst.extend([0x32, 8, 0, 1, b't', 0, 7, 0xFF, 0xD8, 0xFF]);
+            s.write_all(&burst).unwrap();
+            sent.send(read_packet(s).0).unwrap();
+        });
+        let (_client, eventloop) = AsyncClient::new(options(port), 10);
+        let holding = Holding::default();
+        let mut events = events_holding(eventloop, 1 << 20, holding.clone());
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Incoming(Incoming::ConnAck(_)))
+        ));
+        holding.set(true);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Outgoing(Outgoing::PingReq))
+        ));
+        let first_packet = received.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(first_packet, 0xC0, "a PINGREQ reached the broker");
+        holding.set(false);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Incoming(Incoming::Publish(p))) if p.pkid == 7
+        ));
+    }
+
+    #[tokio::test]
+    async fn after_a_hold_rumqttc_does_not_take_its_last_unanswered_ping_for_a_dead_connection() {
+        // The broker answers no ping, as when its PINGRESP waits behind uploads the client has not read.
+        let port = broker_once(|s| s.write_all(&[0x20, 2, 0, 0]).unwrap());
+        let mut options = options(port);
+        options.set_keep_alive(Duration::from_secs(1));
+        let (_client, eventloop) = AsyncClient::new(options, 10);
+        let holding = Holding::default();
+        let mut events = events_holding(eventloop, 1 << 20, holding.clone());
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Incoming(Incoming::ConnAck(_)))
+        ));
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Outgoing(Outgoing::PingReq))
+        ));
+        holding.set(true);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Outgoing(Outgoing::PingReq))
+        ));
+        holding.set(false);
+        let after = next_event(&mut events).await;
+        assert!(
+            matches!(after, Ok(Event::Outgoing(Outgoing::PingReq))),
+            "rumqttc's next ping after the hold: {after:?}"
+        );
     }
 }
