@@ -37,6 +37,26 @@ fn a_full_disk_and_a_read_only_remount_hold_acks_and_everything_arrives_afterwar
 }
 
 #[test]
+fn a_full_window_through_a_disk_outage_longer_than_three_keep_alives_keeps_the_connection() {
+    if !scenarios::can_mount() {
+        println!("SKIP: the disk scenario mounts a tmpfs and needs root (CI runs as root)");
+        return;
+    }
+    let outage = scenarios::disk_outage_with_a_full_window(8, 1, std::time::Duration::from_secs(5));
+    assert!(
+        outage.broker_dropped.is_empty(),
+        "the broker dropped imaged: {:?}",
+        outage.broker_dropped
+    );
+    assert!(
+        outage.imaged_lost.is_empty(),
+        "imaged lost the connection: {:?}",
+        outage.imaged_lost
+    );
+    outage.ledger.assert_clean("disk outage with a full window");
+}
+
+#[test]
 fn sigstop_for_longer_than_the_keep_alive_then_sigcont_loses_nothing() {
     report(&scenarios::sigstops(5, 500, 3));
 }

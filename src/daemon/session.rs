@@ -8,10 +8,12 @@
 //! Rules it keeps:
 //! * a connection has a generation; an upload is acknowledged only on the connection it came on (after a
 //!   reconnect the same packet id may name another message), otherwise the broker redelivers it and dedup
-//!   settles it again;
+//!   settles it again. What rumqttc had parsed on a connection that failed comes after that connection's
+//!   error and before the next ConnAck ([`mqtt::after_failure`]), so it is never taken for the new one's;
 //! * republishes are matched to their packet ids through rumqttc's `Outgoing::Publish` events, which come in
 //!   request order; those a lost broker session dropped go back to the pipeline to be sent again;
-//! * it stops reading from the broker while `limits.inflight_*` uploads are unsettled, which bounds memory;
+//! * it stops reading from the broker while `limits.inflight_*` uploads are unsettled, which bounds memory,
+//!   and meanwhile keeps the connection alive with pings that read nothing ([`mqtt::events_holding`]);
 //! * reconnects back off with jitter, and each episode of trouble is logged once, in words.
 
 use std::collections::VecDeque;
@@ -49,8 +51,13 @@ pub struct Settings {
     pub stored: String,
     pub max_images: usize,
     pub max_bytes: usize,
+    /// Republishes in flight at once (see [`super::republish_window`]).
+    pub republish_window: usize,
     /// The incoming packet limit for normal operation (see [`mqtt::events`]).
     pub max_packet: usize,
+    /// `broker.keep_alive_secs`: how often rumqttc pings; the session pings twice as often while it holds back
+    /// reading ([`ping_due`]).
+    pub keep_alive: Duration,
     /// Where the upload filter of the persistent session is remembered, so that a changed `topics.upload`
     /// also unsubscribes the old filter (the broker keeps it in the session otherwise).
     pub subscription_file: PathBuf,
@@ -62,6 +69,12 @@ pub fn stale_filter(remembered: Option<&str>, configured: &str) -> Option<String
         .map(str::trim)
         .filter(|r| !r.is_empty() && *r != configured)
         .map(str::to_string)
+}
+
+/// Whether to ping now while reading is held back: half a keep-alive after the last ping, so that the broker,
+/// which gives up after one and a half keep-alives of silence, always hears from imaged in time.
+pub fn ping_due(last_ping: Instant, keep_alive: Duration, now: Instant) -> bool {
+    now >= last_ping + keep_alive / 2
 }
 
 /// The decision of whether an upload's ack may go out now.
@@ -86,6 +99,10 @@ pub struct Session {
     /// The connection's generation: one more at every ConnAck and every connection error.
     gen: u64,
     connected: bool,
+    /// Set while the window is full: the event stream then pings instead of polling.
+    holding: mqtt::Holding,
+    /// The last ping on the connection (rumqttc's or the stream's), or the ConnAck.
+    last_ping: Instant,
     /// The arrival number of the last upload handed to the pipeline (the pipeline settles in this order).
     seq: u64,
     /// Uploads handed to the pipeline and not yet settled, in count and bytes: the read window.
@@ -123,13 +140,15 @@ impl Session {
         let unsubscribe = stale_filter(remembered.as_deref(), &settings.upload);
         Session {
             beat: health.register("MQTT event loop"),
-            republishes: PublishWindow::new(settings.max_images),
+            republishes: PublishWindow::new(settings.republish_window),
             settings,
             client,
             pipeline,
             health,
             gen: 0,
             connected: false,
+            holding: mqtt::Holding::default(),
+            last_ping: Instant::now(),
             seq: 0,
             inflight_images: 0,
             inflight_bytes: 0,
@@ -155,12 +174,19 @@ impl Session {
         shutdown: impl std::future::Future<Output = ()>,
         on_ready: impl FnOnce(),
     ) -> Result<(), PipelineStopped> {
-        let mut events = mqtt::events(eventloop, self.settings.max_packet);
+        let mut events =
+            mqtt::events_holding(eventloop, self.settings.max_packet, self.holding.clone());
         let mut on_ready = Some(on_ready);
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(super::health::tick_period());
         loop {
             self.beat.beat();
+            let holding = self.holding_back();
+            self.holding.set(holding);
+            let poll = self.admitting()
+                || (holding && ping_due(self.last_ping, self.settings.keep_alive, Instant::now()));
+            // Wakes the loop when the next ping is due (a tick may be later than that).
+            let ping_at = self.last_ping + self.settings.keep_alive / 2;
             tokio::select! {
                 biased;
                 _ = &mut shutdown, if self.stopping.is_none() => self.stop(),
@@ -168,7 +194,7 @@ impl Session {
                     Some(outcome) => self.outcome(outcome),
                     None => return Err(PipelineStopped),
                 },
-                Some((event, retry)) = events.next(), if self.admitting() => {
+                Some((event, retry)) = events.next(), if poll => {
                     self.event(event, retry)?;
                     if self.ready {
                         if let Some(f) = on_ready.take() {
@@ -176,6 +202,7 @@ impl Session {
                         }
                     }
                 }
+                () = tokio::time::sleep_until(ping_at.into()), if holding => {}
                 _ = tick.tick() => {}
             }
             self.flush();
@@ -191,6 +218,13 @@ impl Session {
         self.stopping.is_some()
             || (self.inflight_images < self.settings.max_images
                 && self.inflight_bytes < self.settings.max_bytes)
+    }
+
+    /// Whether reading is held back on a live connection (the window is full): then only pings go out, each
+    /// when [`ping_due`], so the broker keeps the connection through a long disk outage. A poll would read
+    /// more uploads (up to nine a time) into memory that the window says is used up; a ping reads nothing.
+    fn holding_back(&self) -> bool {
+        !self.admitting() && self.connected && !self.disconnect_sent
     }
 
     fn stop(&mut self) {
@@ -299,6 +333,7 @@ impl Session {
                 ),
             },
             Ok(Event::Outgoing(Outgoing::Disconnect)) => self.disconnected = true,
+            Ok(Event::Outgoing(Outgoing::PingReq)) => self.last_ping = Instant::now(),
             Ok(_) => {}
             Err(e) => self.connection_lost(&e, retry),
         }
@@ -308,6 +343,8 @@ impl Session {
     fn connected(&mut self, ack: &ConnAck) -> Result<(), PipelineStopped> {
         self.gen += 1;
         self.connected = true;
+        // rumqttc's keep-alive timer starts with the connection.
+        self.last_ping = Instant::now();
         self.health.stats.connected.store(true, Ordering::Relaxed);
         self.need_subscribe = true;
         let session = if ack.session_present {
@@ -501,6 +538,20 @@ mod tests {
             stale_filter(Some("cams/#"), "image/upload").as_deref(),
             Some("cams/#")
         );
+    }
+
+    #[test]
+    fn while_reading_is_held_back_a_ping_is_due_every_half_keep_alive() {
+        let start = Instant::now();
+        let keep_alive = Duration::from_secs(2);
+        assert!(!ping_due(start, keep_alive, start));
+        assert!(!ping_due(
+            start,
+            keep_alive,
+            start + Duration::from_millis(999)
+        ));
+        assert!(ping_due(start, keep_alive, start + Duration::from_secs(1)));
+        assert!(ping_due(start, keep_alive, start + Duration::from_secs(5)));
     }
 
     #[test]

@@ -13,5 +13,5 @@ mod window;
 pub use describe::describe;
 pub use local_broker::local_broker_warnings;
 pub use options::{connect, packet_id_space, Role};
-pub use poller::{events, oversized, Events, Polled};
+pub use poller::{after_failure, events, events_holding, oversized, Events, Holding, Polled};
 pub use window::{Numbered, PublishWindow};

@@ -66,8 +66,10 @@ pub fn connect(
 /// from 1 up to its inflight setting and wraps; a new id still in use is a "collision", and rumqttc keeps
 /// only one colliding publish aside: a second one replaces it, and that publish is gone without a trace
 /// (found by the broker-kill fault test, where retransmissions after each reconnect keep old ids in use).
-/// Our own window bounds what is in flight, so rumqttc gets 16 times as many ids, and the ids cannot wrap
-/// onto one still in use.
+/// Our own window bounds what is in flight, so rumqttc gets 16 times as many ids (subscribes and unsubscribes
+/// take theirs from the same counter, among the spare ones), and the ids cannot wrap onto one still in use.
+/// Ids are 16 bits: the margin holds for windows up to 4095, which is why the daemon caps its republish
+/// window there (`daemon::republish_window`); a larger window gets all 65535 ids and a smaller margin.
 pub fn packet_id_space(window: u16) -> u16 {
     u16::try_from((u32::from(window.max(1)) * 16).max(1024)).unwrap_or(u16::MAX)
 }

@@ -1,11 +1,15 @@
-//! rumqttc's event loop as a stream that backs off between reconnects and refuses an oversized packet
-//! without a reconnect loop.
+//! rumqttc's event loop as a stream that backs off between reconnects, refuses an oversized packet without a
+//! reconnect loop, keeps the events of a connection that failed with that connection, and keeps a connection
+//! alive with pings alone while its user reads nothing.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use rumqttc::{ConnectionError, Event, EventLoop, Incoming, StateError};
+use rumqttc::{ConnectionError, Event, EventLoop, Incoming, Outgoing, Packet, StateError};
 
 use crate::backoff::Backoff;
 
@@ -19,6 +23,11 @@ struct Poller {
     max_packet: usize,
     /// The limit was raised to take one oversized packet; back to normal at the next ConnAck.
     raised: bool,
+    /// A failed connection's last events, to hand out before polling again (see [`after_failure`]).
+    queued: VecDeque<Polled>,
+    holding: Holding,
+    /// Pings went out while holding, since the last poll.
+    pinged: bool,
 }
 
 /// An event with, after an error, how long until the next attempt.
@@ -27,50 +36,171 @@ pub type Polled = (Result<Event, ConnectionError>, Option<Duration>);
 /// The stream [`events`] returns.
 pub type Events = Pin<Box<dyn Stream<Item = Polled> + Send>>;
 
+/// Tells a stream from [`events_holding`] that its user holds back reading from the broker.
+#[derive(Debug, Clone, Default)]
+pub struct Holding(Arc<AtomicBool>);
+
+impl Holding {
+    /// While set, the next item the stream is asked for is a keep-alive ping instead of a poll.
+    pub fn set(&self, holding: bool) {
+        self.0.store(holding, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Turns an event loop into a stream that reconnects with capped, jittered backoff. Waiting on the stream's
 /// `next()` in a `select!` is safe: an unfinished poll stays inside the stream, it is not cancelled.
 /// `max_packet` is the normal incoming limit; a packet over it is taken once with a larger limit so it can be
 /// refused and acknowledged (with a persistent session the broker would otherwise resend it forever).
+/// Events rumqttc had parsed on a connection that then failed come right after that connection's error and
+/// before the next ConnAck ([`after_failure`]).
 pub fn events(eventloop: EventLoop, max_packet: usize) -> Events {
+    events_holding(eventloop, max_packet, Holding::default())
+}
+
+/// [`events`] for a user that at times stops reading from the broker to bound its memory (the daemon, while
+/// its window of unsettled uploads is full). While `holding` is set, asking the stream for its next item
+/// writes a PINGREQ and yields `Outgoing::PingReq`, and reads nothing: the broker hears from the client
+/// and keeps the connection, and nothing more comes into memory. rumqttc pings only from inside a poll, and
+/// a poll also reads (up to nine packets at a time); a user that stops polling altogether is dropped by the
+/// broker after one and a half keep-alives without knowing it.
+///
+/// The user asks for an item while holding only when a ping is due; a write that fails is a connection
+/// error like any other.
+pub fn events_holding(eventloop: EventLoop, max_packet: usize, holding: Holding) -> Events {
     let poller = Poller {
         eventloop,
         backoff: Backoff::broker(),
         wait: None,
         max_packet,
         raised: false,
+        queued: VecDeque::new(),
+        holding,
+        pinged: false,
     };
     Box::pin(futures_util::stream::unfold(poller, |mut p| async move {
-        if let Some(wait) = p.wait.take() {
+        let next = p.next().await;
+        Some((next, p))
+    }))
+}
+
+impl Poller {
+    async fn next(&mut self) -> Polled {
+        if let Some(queued) = self.queued.pop_front() {
+            return queued;
+        }
+        if self.holding.get() && self.eventloop.network.is_some() {
+            return match ping(&mut self.eventloop).await {
+                Ok(()) => {
+                    self.pinged = true;
+                    (Ok(Event::Outgoing(Outgoing::PingReq)), None)
+                }
+                Err(e) => {
+                    // What rumqttc does at a failed write of its own: the next poll reconnects.
+                    self.eventloop.clean();
+                    self.failed(e)
+                }
+            };
+        }
+        if let Some(wait) = self.wait.take() {
             tokio::time::sleep(wait).await;
         }
-        let event = p.eventloop.poll().await;
-        match &event {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                p.backoff.reset();
-                if p.raised {
-                    // The limit only matters when a connection is made; this one keeps the raised one.
-                    p.eventloop
-                        .mqtt_options
-                        .set_max_packet_size(p.max_packet, p.max_packet);
-                    p.raised = false;
-                }
-            }
-            Err(e) => {
-                if let Some(size) = oversized(e) {
-                    // rumqttc cannot skip a packet over its limit: take it once with a larger limit, so the
-                    // pipeline can refuse and acknowledge it.
-                    p.eventloop
-                        .mqtt_options
-                        .set_max_packet_size(size.saturating_add(16), p.max_packet);
-                    p.raised = true;
-                }
-                p.wait = Some(p.backoff.next_delay());
-            }
-            Ok(_) => {}
+        if std::mem::take(&mut self.pinged) {
+            // rumqttc waits for the PINGRESP of its own last ping before it pings again, or takes the
+            // connection for dead. Nothing was read while holding, so that PINGRESP may still wait behind
+            // uploads the broker sent first; the pings of the hold are answered after it.
+            self.eventloop.state.await_pingresp = false;
         }
-        let wait = p.wait;
-        Some(((event, wait), p))
-    }))
+        match self.eventloop.poll().await {
+            Ok(event) => {
+                if let Event::Incoming(Incoming::ConnAck(_)) = event {
+                    self.connected();
+                }
+                (Ok(event), None)
+            }
+            Err(e) => self.failed(e),
+        }
+    }
+
+    fn connected(&mut self) {
+        self.backoff.reset();
+        if self.raised {
+            // The limit only matters when a connection is made; this one keeps the raised one.
+            self.eventloop
+                .mqtt_options
+                .set_max_packet_size(self.max_packet, self.max_packet);
+            self.raised = false;
+        }
+    }
+
+    fn failed(&mut self, error: ConnectionError) -> Polled {
+        if let Some(size) = oversized(&error) {
+            // rumqttc cannot skip a packet over its limit: take it once with a larger limit, so the
+            // pipeline can refuse and acknowledge it.
+            self.eventloop
+                .mqtt_options
+                .set_max_packet_size(size.saturating_add(16), self.max_packet);
+            self.raised = true;
+        }
+        let wait = self.backoff.next_delay();
+        self.wait = Some(wait);
+        self.queued = after_failure(error, Some(wait), self.eventloop.state.events.drain(..));
+        self.queued.pop_front().expect("the error is queued")
+    }
+}
+
+/// Writes a PINGREQ on the connection, as rumqttc's own keep-alive does, but without its state: rumqttc does
+/// not wait for the answer (see [`Poller::next`]), and its PINGRESP is harmless whenever it is read.
+async fn ping(eventloop: &mut EventLoop) -> Result<(), ConnectionError> {
+    let timeout = Duration::from_secs(eventloop.network_options.connection_timeout());
+    let network = eventloop.network.as_mut().expect("connected");
+    network.write(Packet::PingReq).await?;
+    tokio::time::timeout(timeout, network.flush())
+        .await
+        .map_err(|_| ConnectionError::FlushTimeout)??;
+    Ok(())
+}
+
+/// What the stream yields for a failed connection: its error, then the events rumqttc had already parsed or
+/// numbered on it, all before the next connection is tried.
+///
+/// rumqttc keeps those events (a PUBLISH read together with the end of the connection; an
+/// `Outgoing::Publish` whose write then failed) in `state.events` and would hand them out after the next
+/// ConnAck, as if they were the new connection's. Yielded here, they meet the session while it is between
+/// connections: the error has already bumped its generation and marked it disconnected, and the next ConnAck
+/// has not reset anything yet. For each kind, whether the next session is resumed or new:
+/// * `Incoming::Publish`: stored under the between-connections generation, so its ack never goes out. Resumed:
+///   the broker delivers it again and dedup acks it on the connection it came on. New: the broker forgot it;
+///   its packet id may already name another message there, which a stray ack would delete unstored.
+/// * `Incoming::PubAck`: the broker confirmed that republish; it is settled now, so a new session does not
+///   give it back to be published again.
+/// * `Outgoing::Publish`: numbers the republish it was written for, the oldest waiting for a number, while the
+///   window still holds it. Resumed: rumqttc sends it again with the same id (`Numbered::Again`). New: the
+///   window hands it back with the rest. Left for after the ConnAck it would number the next new republish.
+/// * `Incoming::SubAck`: the broker took the subscription; every ConnAck subscribes again anyway.
+/// * `Incoming::ConnAck`: only a broker's protocol error puts one here (rumqttc queues the packet, then
+///   refuses it); it names no connection, so it is dropped.
+/// * the rest (PingReq/PingResp, our own PubAck, Subscribe, Disconnect): nothing that a connection changes.
+///
+/// The error goes first, not last: while stale events are handed out the session may settle uploads, and an
+/// ack put into rumqttc's request channel after its error (rumqttc drops acks from the channel only at the
+/// error itself) would be written on the next connection.
+pub fn after_failure(
+    error: ConnectionError,
+    wait: Option<Duration>,
+    parsed: impl IntoIterator<Item = Event>,
+) -> VecDeque<Polled> {
+    std::iter::once((Err(error), wait))
+        .chain(
+            parsed
+                .into_iter()
+                .filter(|event| !matches!(event, Event::Incoming(Incoming::ConnAck(_))))
+                .map(|event| (Ok(event), None)),
+        )
+        .collect()
 }
 
 pub fn oversized(e: &ConnectionError) -> Option<usize> {
@@ -79,5 +209,248 @@ pub fn oversized(e: &ConnectionError) -> Option<usize> {
             rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
         )) => Some(*n),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+
+    use futures_util::StreamExt;
+    use rumqttc::{AsyncClient, MqttOptions, Outgoing, QoS};
+
+    use super::*;
+
+    /// Reads one MQTT packet: (first header byte, body).
+    fn read_packet(s: &mut TcpStream) -> (u8, Vec<u8>) {
+        let mut byte = [0u8; 1];
+        s.read_exact(&mut byte).unwrap();
+        let header = byte[0];
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            s.read_exact(&mut byte).unwrap();
+            len |= usize::from(byte[0] & 0x7F) << shift;
+            shift += 7;
+            if byte[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        s.read_exact(&mut body).unwrap();
+        (header, body)
+    }
+
+    /// A scripted broker for one connection: `script` runs after its CONNECT, then the connection is held open
+    /// until the client goes.
+    fn broker_once(script: impl FnOnce(&mut TcpStream) + Send + 'static) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut one, _) = listener.accept().unwrap();
+            read_packet(&mut one);
+            script(&mut one);
+            while one.read(&mut [0; 4096]).is_ok_and(|n| n > 0) {}
+        });
+        port
+    }
+
+    async fn next_event(events: &mut Events) -> Result<Event, ConnectionError> {
+        tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("the next event")
+            .expect("the stream goes on")
+            .0
+    }
+
+    /// A scripted broker: `first` runs on the first connection after its CONNECT; the second connection gets a
+    /// CONNACK (no session) and is held open until the client goes.
+    fn broker(first: impl FnOnce(&mut TcpStream) + Send + 'static) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut one, _) = listener.accept().unwrap();
+            read_packet(&mut one);
+            first(&mut one);
+            let (mut two, _) = listener.accept().unwrap();
+            read_packet(&mut two);
+            two.write_all(&[0x20, 2, 0, 0]).unwrap();
+            drop(one);
+            while two.read(&mut [0; 4096]).is_ok_and(|n| n > 0) {}
+        });
+        port
+    }
+
+    /// The events up to the second ConnAck, in words.
+    async fn until_second_connack(mut events: Events) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut connacks = 0;
+        while connacks < 2 {
+            let (event, _) = tokio::time::timeout(Duration::from_secs(20), events.next())
+                .await
+                .expect("the next event")
+                .expect("the stream goes on");
+            seen.push(match event {
+                Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                    connacks += 1;
+                    "ConnAck".to_string()
+                }
+                Ok(Event::Incoming(Incoming::Publish(p))) => format!("Publish({})", p.pkid),
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    format!("Outgoing::Publish({pkid})")
+                }
+                Ok(e) => format!("{e:?}"),
+                Err(_) => "Err".to_string(),
+            });
+        }
+        seen
+    }
+
+    fn options(port: u16) -> MqttOptions {
+        let mut options = MqttOptions::new("poller-test", "127.0.0.1", port);
+        options.set_manual_acks(true);
+        options.set_keep_alive(Duration::from_secs(60));
+        options.set_max_packet_size(8 << 20, 8 << 20);
+        options
+    }
+
+    #[tokio::test]
+    async fn packets_read_together_with_the_failure_of_a_connection_come_after_its_error_and_before_the_next_connack(
+    ) {
+        let port = broker(|s| {
+            // CONNACK, SUBACK 1, PUBLISH 7 (QoS 1) and a packet of the reserved type 0, in one write: rumqttc
+            // parses the first three and fails at the fourth in the same read. (The end of the connection
+            // instead of the bad packet does the same, but only when the FIN is in by the time rumqttc reads
+            // again: tests/packets.rs shows that one against the daemon.)
+            let mut burst = vec![0x20, 2, 0, 0, 0x90, 3, 0, 1, 1];
+            burst.extend([0x32, 8, 0, 1, b't', 0, 7, 0xFF, 0xD8, 0xFF]);
+            burst.extend([0x00, 0x00]);
+            s.write_all(&burst).unwrap();
+        });
+        let (_client, eventloop) = AsyncClient::new(options(port), 10);
+        let seen = until_second_connack(events(eventloop, 1 << 20)).await;
+        assert_eq!(
+            seen,
+            [
+                "ConnAck",
+                "Err",
+                "Incoming(SubAck(SubAck { pkid: 1, return_codes: [Success(AtLeastOnce)] }))",
+                "Publish(7)",
+                "ConnAck"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_connection_yields_its_error_first_and_drops_a_stray_connack() {
+        let parsed = [
+            Event::Incoming(Incoming::PingResp),
+            Event::Incoming(Incoming::ConnAck(rumqttc::ConnAck::new(
+                rumqttc::ConnectReturnCode::Success,
+                false,
+            ))),
+            Event::Outgoing(Outgoing::Publish(3)),
+        ];
+        let queued = after_failure(
+            ConnectionError::NetworkTimeout,
+            Some(Duration::from_secs(1)),
+            parsed,
+        );
+        let kinds: Vec<String> = queued
+            .iter()
+            .map(|(event, wait)| match event {
+                Ok(e) => format!("{e:?} {wait:?}"),
+                Err(e) => format!("Err({e}) {wait:?}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "Err(Network timeout) Some(1s)",
+                "Incoming(PingResp) None",
+                "Outgoing(Publish(3)) None"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_publish_numbered_just_before_a_failed_write_comes_after_the_error_and_before_the_next_connack(
+    ) {
+        // The broker reads nothing after the CONNECT, so the write of a large publish never finishes.
+        let port = broker(|s| {
+            s.write_all(&[0x20, 2, 0, 0]).unwrap();
+        });
+        let (client, mut eventloop) = AsyncClient::new(options(port), 10);
+        let mut network = eventloop.network_options();
+        network.set_connection_timeout(1);
+        network.set_tcp_send_buffer_size(4096);
+        eventloop.set_network_options(network);
+        client
+            .try_publish("t", QoS::AtLeastOnce, false, vec![0u8; 4 << 20])
+            .unwrap();
+        let seen = until_second_connack(events(eventloop, 8 << 20)).await;
+        assert_eq!(seen[..2], ["ConnAck", "Err"]);
+        assert_eq!(seen[2..], ["Outgoing::Publish(1)", "ConnAck"]);
+    }
+
+    #[tokio::test]
+    async fn while_holding_the_stream_pings_and_reads_nothing() {
+        let (sent, received) = std::sync::mpsc::channel();
+        let port = broker_once(move |s| {
+            // CONNACK and PUBLISH 7 at once: the upload waits in the client's buffer.
+            let mut burst = vec![0x20, 2, 0, 0];
+            burst.extend([0x32, 8, 0, 1, b't', 0, 7, 0xFF, 0xD8, 0xFF]);
+            s.write_all(&burst).unwrap();
+            sent.send(read_packet(s).0).unwrap();
+        });
+        let (_client, eventloop) = AsyncClient::new(options(port), 10);
+        let holding = Holding::default();
+        let mut events = events_holding(eventloop, 1 << 20, holding.clone());
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Incoming(Incoming::ConnAck(_)))
+        ));
+        holding.set(true);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Outgoing(Outgoing::PingReq))
+        ));
+        let first_packet = received.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(first_packet, 0xC0, "a PINGREQ reached the broker");
+        holding.set(false);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Incoming(Incoming::Publish(p))) if p.pkid == 7
+        ));
+    }
+
+    #[tokio::test]
+    async fn after_a_hold_rumqttc_does_not_take_its_last_unanswered_ping_for_a_dead_connection() {
+        // The broker answers no ping, as when its PINGRESP waits behind uploads the client has not read.
+        let port = broker_once(|s| s.write_all(&[0x20, 2, 0, 0]).unwrap());
+        let mut options = options(port);
+        options.set_keep_alive(Duration::from_secs(1));
+        let (_client, eventloop) = AsyncClient::new(options, 10);
+        let holding = Holding::default();
+        let mut events = events_holding(eventloop, 1 << 20, holding.clone());
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Incoming(Incoming::ConnAck(_)))
+        ));
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Outgoing(Outgoing::PingReq))
+        ));
+        holding.set(true);
+        assert!(matches!(
+            next_event(&mut events).await,
+            Ok(Event::Outgoing(Outgoing::PingReq))
+        ));
+        holding.set(false);
+        let after = next_event(&mut events).await;
+        assert!(
+            matches!(after, Ok(Event::Outgoing(Outgoing::PingReq))),
+            "rumqttc's next ping after the hold: {after:?}"
+        );
     }
 }

@@ -344,6 +344,63 @@ pub fn disk_faults(seed: u64, n_images: usize, n_faults: usize) -> Run {
     }
 }
 
+/// What a disk outage with the upload window full did to imaged's connection.
+pub struct Outage {
+    /// Mosquitto's log lines about imaged's connection ending (a keep-alive timeout among them).
+    pub broker_dropped: Vec<String>,
+    /// imaged's "Lost the connection" lines.
+    pub imaged_lost: Vec<String>,
+    pub ledger: Ledger,
+}
+
+/// A read-only remount of the images' disk for `outage` while uploads keep coming, with a window of 4 images
+/// and a keep-alive of `keep_alive_secs`: the window is full for the whole outage. Then read-write again.
+pub fn disk_outage_with_a_full_window(seed: u64, keep_alive_secs: u64, outage: Duration) -> Outage {
+    let broker = Broker::start();
+    let observer = Observer::start(broker.port, STORED);
+    let disk = Tmpfs::mount(16);
+    let client_id = format!("imaged-outage-{seed}");
+    let extra = format!(
+        "[broker]\nclient_id = \"{client_id}\"\nkeep_alive_secs = {keep_alive_secs}\n\
+         [storage]\ndir = \"{}/images\"\nstate_dir = \"{{dir}}/state\"\n\
+         [limits]\ninflight_images = 4\n",
+        disk.path.display()
+    );
+    let mut daemon = Daemon::start_with(broker.port, &extra, &[]);
+    daemon.images = disk.path.join("images");
+    daemon.wait_ready();
+    disk.remount("ro");
+    let imgs = images(seed, 12, 2_000, 20_000);
+    let acked = publish_all(broker.port, UPLOAD, &imgs, 32, Duration::from_secs(60));
+    wait_until(
+        "imaged says the disk fails",
+        Duration::from_secs(10),
+        || daemon.log().contains("Storage is failing"),
+    );
+    std::thread::sleep(outage);
+    disk.remount("rw");
+    let ledger = settle(&daemon, &broker, &observer, &imgs, &acked);
+    let broker_dropped = broker
+        .log()
+        .lines()
+        .filter(|l| {
+            l.contains(&client_id) && (l.contains("timeout") || l.contains("disconnecting"))
+        })
+        .map(str::to_string)
+        .collect();
+    let imaged_lost = daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("Lost the connection"))
+        .map(str::to_string)
+        .collect();
+    Outage {
+        broker_dropped,
+        imaged_lost,
+        ledger,
+    }
+}
+
 /// Fault 5: SIGSTOP of imaged for longer than the broker's keep-alive, then SIGCONT.
 pub fn sigstops(seed: u64, n_images: usize, n_faults: usize) -> Run {
     let mut rng = fastrand::Rng::with_seed(seed);
