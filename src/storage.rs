@@ -364,143 +364,11 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// The power-cut filesystem (tests/powercut, issue 14) for the tests of what survives a power cut: a FUSE
-/// passthrough that keeps file data only once fsynced and names only once their folder is fsynced, and at a
-/// cut throws everything else away. It needs root, /dev/fuse and its binary (`cargo build -p powercut-fs`,
-/// which puts it beside the test binaries' folder, or `POWERCUT_FS=PATH`); without them a test says SKIP.
+/// The power-cut filesystem (tests/powercut) for the unit tests of what survives a power cut: the same fixture
+/// the integration tests use.
 #[cfg(test)]
-pub(crate) mod power_cut {
-    use std::io::{BufRead, BufReader};
-    use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
-    use std::sync::mpsc::{self, Receiver};
-    use std::time::{Duration, Instant};
-
-    /// One mounted instance on its own scratch folder. Dropping it kills the process it started (by its PID)
-    /// and detaches a mount left behind.
-    pub struct PowerCut {
-        bin: PathBuf,
-        backing: PathBuf,
-        mnt: PathBuf,
-        child: Option<Child>,
-        lines: Option<Receiver<String>>,
-        _scratch: tempfile::TempDir,
-    }
-
-    fn binary() -> Option<PathBuf> {
-        if let Some(bin) = std::env::var_os("POWERCUT_FS") {
-            return Some(bin.into());
-        }
-        // target/<profile>/deps/<test binary> -> target/<profile>/powercut-fs
-        let exe = std::env::current_exe().ok()?;
-        let bin = exe.parent()?.parent()?.join("powercut-fs");
-        bin.exists().then_some(bin)
-    }
-
-    impl PowerCut {
-        /// Mounts a fresh, empty instance, or says SKIP and returns `None`. `prepare` fills the backing folder
-        /// first: what is there at the mount is durable, as what a disk holds at boot.
-        pub fn mount(prepare: impl FnOnce(&Path)) -> Option<PowerCut> {
-            if !Path::new("/dev/fuse").exists() {
-                println!("SKIP: /dev/fuse is missing: no power-cut filesystem here");
-                return None;
-            }
-            // SAFETY: no arguments, no memory.
-            if unsafe { libc::geteuid() } != 0 {
-                println!("SKIP: the power-cut filesystem mounts with allow_other and needs root");
-                return None;
-            }
-            let Some(bin) = binary() else {
-                println!("SKIP: no powercut-fs binary: `cargo build -p powercut-fs`, or POWERCUT_FS=PATH");
-                return None;
-            };
-            let scratch = tempfile::tempdir().expect("a scratch folder");
-            let (backing, mnt) = (scratch.path().join("backing"), scratch.path().join("mnt"));
-            for dir in [&backing, &mnt] {
-                std::fs::create_dir(dir).expect("scratch folders");
-            }
-            prepare(&backing);
-            let mut power = PowerCut {
-                bin,
-                backing,
-                mnt,
-                child: None,
-                lines: None,
-                _scratch: scratch,
-            };
-            power.start();
-            Some(power)
-        }
-
-        /// The mount point: what imaged's code works on.
-        pub fn root(&self) -> &Path {
-            &self.mnt
-        }
-
-        fn start(&mut self) {
-            let mut child = Command::new(&self.bin)
-                .arg(&self.backing)
-                .arg(&self.mnt)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("start powercut-fs");
-            // Read by a thread, so that a hung filesystem fails the test by a timeout instead of hanging it.
-            let (send, lines) = mpsc::channel();
-            let stdout = child.stdout.take().expect("piped");
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let _ = send.send(line);
-                }
-            });
-            self.child = Some(child);
-            self.lines = Some(lines);
-            let line = self.next_line("the mount");
-            assert!(line.starts_with("powercut-fs: mounted"), "{line}");
-        }
-
-        fn next_line(&self, what: &str) -> String {
-            self.lines
-                .as_ref()
-                .expect("started")
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("powercut-fs said nothing about {what} within 30 s"))
-        }
-
-        /// Cuts the power, then mounts what survived: the reboot. Files still open fail from now on.
-        pub fn cut_and_reboot(&mut self) {
-            let mut child = self.child.take().expect("running");
-            let pid = i32::try_from(child.id()).expect("a pid fits an i32");
-            // SAFETY: signals the process this guard started and has not reaped.
-            unsafe { libc::kill(pid, libc::SIGUSR1) };
-            let report = self.next_line("the power cut");
-            assert!(report.starts_with("powercut-fs: power cut:"), "{report}");
-            let start = Instant::now();
-            while child.try_wait().expect("wait").is_none() {
-                assert!(
-                    start.elapsed() < Duration::from_secs(30),
-                    "powercut-fs did not exit after the cut"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            self.start();
-        }
-    }
-
-    impl Drop for PowerCut {
-        fn drop(&mut self) {
-            if let Some(mut child) = self.child.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            let Ok(path) = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()) else {
-                return;
-            };
-            // SAFETY: a valid path; a lazy unmount of this guard's own mount point, a no-op when not mounted.
-            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
+#[path = "../tests/common/powercut.rs"]
+pub(crate) mod power_cut;
 
 #[cfg(test)]
 mod tests {
@@ -658,7 +526,7 @@ mod tests {
 
     #[test]
     fn a_replaced_file_has_its_new_bytes_after_a_power_cut() {
-        let Some(mut power) = power_cut::PowerCut::mount(|backing| {
+        let Some(mut power) = power_cut::Power::mount(|backing| {
             fs::write(backing.join("subscription"), b"old/topic").unwrap();
         }) else {
             return;
@@ -673,7 +541,7 @@ mod tests {
 
     #[test]
     fn created_folders_and_their_parents_survive_a_power_cut() {
-        let Some(mut power) = power_cut::PowerCut::mount(|_| {}) else {
+        let Some(mut power) = power_cut::Power::mount(|_| {}) else {
             return;
         };
         let dir = power.root().join("images/.imaged");
@@ -684,7 +552,7 @@ mod tests {
 
     #[test]
     fn a_folder_that_a_crash_left_unsynced_survives_a_power_cut_once_create_dir_has_found_it() {
-        let Some(mut power) = power_cut::PowerCut::mount(|_| {}) else {
+        let Some(mut power) = power_cut::Power::mount(|_| {}) else {
             return;
         };
         // An earlier run died between its mkdir and the fsync of the parent.

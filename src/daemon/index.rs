@@ -844,7 +844,7 @@ mod tests {
 
     #[test]
     fn the_index_keeps_its_records_through_a_power_cut_after_the_start_that_created_it() {
-        let Some(mut power) = storage::power_cut::PowerCut::mount(|backing| {
+        let Some(mut power) = storage::power_cut::Power::mount(|backing| {
             fs::create_dir_all(backing.join("images/.imaged")).unwrap();
         }) else {
             return;
@@ -878,7 +878,7 @@ mod tests {
             name: "a.jpg".into(),
             confirmed: false,
         };
-        let Some(mut power) = storage::power_cut::PowerCut::mount(|backing| {
+        let Some(mut power) = storage::power_cut::Power::mount(|backing| {
             fs::create_dir_all(backing.join("images/.imaged")).unwrap();
             fs::write(backing.join("images/a.jpg"), b"aaaa").unwrap();
             fs::write(backing.join("images/.imaged").join(FILE_NAME), old.encode()).unwrap();

@@ -252,11 +252,11 @@ fn log_recovery(r: &Recovery) {
 mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
-    use storage::power_cut::PowerCut;
+    use storage::power_cut::Power;
 
     #[test]
     fn start_up_makes_an_image_a_crash_left_unsynced_durable_before_the_index_trusts_it() {
-        let Some(mut power) = PowerCut::mount(|_| {}) else {
+        let Some(mut power) = Power::mount(|_| {}) else {
             return;
         };
         let mut config = Config::default();

@@ -1,5 +1,13 @@
 //! The power-cut filesystem (tests/powercut) as a test fixture: mounted over a scratch folder, cut, remounted,
-//! stopped; its guard kills the process it started, by PID, and detaches a mount left behind.
+//! stopped; its guard kills the process it started, by PID, and detaches a mount left behind. The integration
+//! tests and the library's unit tests (src/storage.rs) share this file.
+//!
+//! It needs root, /dev/fuse and the powercut-fs binary: `cargo build -p powercut-fs` puts it beside the test
+//! binaries' folder (`make test` builds it first), or `POWERCUT_FS=PATH` names it. Without them a test says
+//! SKIP and returns.
+
+// Each user (the unit tests, each test binary) takes only part of the fixture.
+#![allow(dead_code)]
 
 use std::ffi::CString;
 use std::fs;
@@ -12,6 +20,9 @@ use std::time::{Duration, Instant};
 
 /// The binary beside this test's own folder (target/<profile>/deps/..), where cargo puts workspace binaries.
 pub fn powercut_bin() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("POWERCUT_FS") {
+        return Some(bin.into());
+    }
     let exe = std::env::current_exe().ok()?;
     let bin = exe.parent()?.parent()?.join("powercut-fs");
     bin.exists().then_some(bin)
@@ -45,11 +56,33 @@ pub struct Power {
     mnt: PathBuf,
     child: Option<Child>,
     lines: Option<Receiver<String>>,
+    /// The folder of an instance made by [`Power::mount`], removed with it.
+    scratch: Option<tempfile::TempDir>,
 }
 
 impl Power {
     pub fn on(bin: &Path, backing: &Path, mnt: &Path) -> Power {
         Power::with(bin, &[], backing, mnt)
+    }
+
+    /// A fresh instance on a scratch folder of its own, or `None` (SKIP said) where it cannot run. `prepare`
+    /// fills the backing folder first: what is there at the mount is durable, as what a disk holds at boot.
+    pub fn mount(prepare: impl FnOnce(&Path)) -> Option<Power> {
+        let bin = usable()?;
+        let scratch = tempfile::tempdir().expect("a scratch folder");
+        let (backing, mnt) = (scratch.path().join("backing"), scratch.path().join("mnt"));
+        for dir in [&backing, &mnt] {
+            fs::create_dir(dir).expect("scratch folders");
+        }
+        prepare(&backing);
+        let mut power = Power::with(&bin, &[], &backing, &mnt);
+        power.scratch = Some(scratch);
+        Some(power)
+    }
+
+    /// The mount point: what the code under test works on.
+    pub fn root(&self) -> &Path {
+        &self.mnt
     }
 
     pub fn with(bin: &Path, options: &[&str], backing: &Path, mnt: &Path) -> Power {
@@ -60,6 +93,7 @@ impl Power {
             mnt: mnt.to_path_buf(),
             child: None,
             lines: None,
+            scratch: None,
         };
         power.start();
         power
