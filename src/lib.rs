@@ -29,6 +29,7 @@
 //! Shared by all of them, at the top:
 //! * [`config`]: the TOML file, its defaults and its validation; errors name the file and `section.key`.
 //! * [`storage`]: names, the JPEG check, the atomic never-replacing durable write; errors name the path.
+//! * [`layout`]: where an image goes: the camera a topic names, the `storage.path` template.
 //! * [`topic`]: MQTT topic rules. [`backoff`]: retry delays. [`logging`]: where log lines go, and how many.
 //! * [`cli`]: the command line's definition; [`exit`]: the exit codes. `main` dispatches and maps each
 //!   command's error to its exit code.
