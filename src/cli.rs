@@ -79,7 +79,7 @@ pub struct SendArgs {
     /// JPEG files to publish (folders are sent file by file)
     #[arg(value_name = "FILE", required_unless_present = "watch")]
     pub files: Vec<PathBuf>,
-    /// Publishes waiting for their acknowledgement at once
+    /// Publishes waiting for their acknowledgement at once (1 to 4095)
     #[arg(long, default_value_t = 32, value_name = "N")]
     pub window: u16,
     /// Send the files again every SECS seconds, like a periodic camera

@@ -71,7 +71,9 @@ async fn serve(config: Config) -> Result<(), Error> {
         config.storage.dir.display()
     );
     let limits = &config.limits;
-    let inflight = republish_window(limits.inflight_images);
+    // Uploads are numbered by the broker, and up to inflight_images of them are stored at once; republishes
+    // are numbered by imaged, so their window keeps rumqttc's packet-id margin (the rest wait in the outbox).
+    let inflight = mqtt::window(limits.inflight_images);
     if usize::from(inflight) < limits.inflight_images {
         info!(
             "limits.inflight_images is {}: that many uploads are stored at once, but at most {inflight} \
@@ -150,20 +152,6 @@ async fn serve(config: Config) -> Result<(), Error> {
     result?;
     info!("Stopped");
     Ok(())
-}
-
-/// The most republishes imaged keeps in flight (handed to rumqttc, not yet confirmed), whatever
-/// `limits.inflight_images` allows.
-pub const MAX_REPUBLISH_WINDOW: u16 = 4095;
-
-/// The republish window for `limits.inflight_images`: the same number, but at most
-/// [`MAX_REPUBLISH_WINDOW`]. rumqttc needs 16 packet ids for every publish in flight to keep clear of its
-/// packet-id collisions ([`mqtt::packet_id_space`]); its ids are 16 bits, so 4095 is the largest window that
-/// keeps that margin. The cap binds republishes only: uploads are numbered by the broker, and up to
-/// `inflight_images` of them are still stored at once; republishes beyond the window wait in the outbox.
-pub fn republish_window(inflight_images: usize) -> u16 {
-    u16::try_from(inflight_images.clamp(1, usize::from(MAX_REPUBLISH_WINDOW)))
-        .expect("bounded to fit")
 }
 
 /// Gives memory freed by finished images back to the operating system every second while images are
@@ -290,21 +278,5 @@ mod tests {
             image,
             "the image acknowledged as stored is still there"
         );
-    }
-
-    #[test]
-    fn rumqttc_gets_at_least_sixteen_packet_ids_per_republish_in_flight_for_every_allowed_inflight_images(
-    ) {
-        for inflight_images in 1..=usize::from(u16::MAX) {
-            let window = republish_window(inflight_images);
-            assert!(
-                u32::from(mqtt::packet_id_space(window)) >= 16 * u32::from(window),
-                "inflight_images {inflight_images}: {window} republishes, {} packet ids",
-                mqtt::packet_id_space(window)
-            );
-        }
-        assert_eq!(republish_window(256), 256);
-        assert_eq!(republish_window(4095), 4095);
-        assert_eq!(republish_window(65535), 4095);
     }
 }

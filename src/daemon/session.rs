@@ -51,7 +51,7 @@ pub struct Settings {
     pub stored: String,
     pub max_images: usize,
     pub max_bytes: usize,
-    /// Republishes in flight at once (see [`super::republish_window`]).
+    /// Republishes in flight at once (see [`mqtt::window`]).
     pub republish_window: usize,
     /// The incoming packet limit for normal operation (see [`mqtt::events`]).
     pub max_packet: usize,

@@ -68,15 +68,37 @@ pub fn connect(
 /// (found by the broker-kill fault test, where retransmissions after each reconnect keep old ids in use).
 /// Our own window bounds what is in flight, so rumqttc gets 16 times as many ids (subscribes and unsubscribes
 /// take theirs from the same counter, among the spare ones), and the ids cannot wrap onto one still in use.
-/// Ids are 16 bits: the margin holds for windows up to 4095, which is why the daemon caps its republish
-/// window there (`daemon::republish_window`); a larger window gets all 65535 ids and a smaller margin.
+/// Ids are 16 bits: the margin holds for windows up to [`MAX_WINDOW`], which is why every publish window is
+/// capped there ([`window`]).
 pub fn packet_id_space(window: u16) -> u16 {
     u16::try_from((u32::from(window.max(1)) * 16).max(1024)).unwrap_or(u16::MAX)
+}
+
+/// The largest publish window that keeps rumqttc's 16-fold margin of packet ids.
+pub const MAX_WINDOW: u16 = 4095;
+
+/// A publish window of `wanted`, between 1 and [`MAX_WINDOW`].
+pub fn window(wanted: usize) -> u16 {
+    u16::try_from(wanted.clamp(1, usize::from(MAX_WINDOW))).expect("bounded to fit")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_window_allowed_gets_at_least_sixteen_packet_ids_per_publish_in_flight() {
+        for wanted in 1..=usize::from(u16::MAX) {
+            let w = window(wanted);
+            assert!(
+                u32::from(packet_id_space(w)) >= 16 * u32::from(w),
+                "{wanted}"
+            );
+        }
+        assert_eq!(window(0), 1);
+        assert_eq!(window(256), 256);
+        assert_eq!(window(65535), MAX_WINDOW);
+    }
 
     #[test]
     fn packet_ids_outnumber_the_window_many_times() {

@@ -65,7 +65,7 @@ pub fn run(mut config: Config, args: SendArgs) -> Result<(), Error> {
         }
         None => publish_topic(&config.topics.upload).map_err(Error::Usage)?,
     };
-    let window = args.window.max(1);
+    let window = mqtt::window(usize::from(args.window));
     let client_id = format!("imaged-send-{}", fastrand::u64(..));
     let (client, eventloop) = mqtt::connect(
         &config.broker,
