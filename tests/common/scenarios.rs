@@ -141,8 +141,11 @@ pub fn broker_kills(seed: u64, n_images: usize, n_faults: usize) -> Run {
     let mut acked = Vec::new();
     let mut faults = 0;
     for batch in imgs.chunks(chunk) {
-        // The batch is acknowledged by the broker and saved (it saves right after each change) before the
-        // kill, which then lands while imaged is still storing, acking and republishing it.
+        // The batch is acknowledged by the broker and saved before the kill, which then lands while imaged is
+        // still storing, acking and republishing it. Mosquitto acknowledges a publish before it saves it (it
+        // saves after each change, but a save already running does not hold the newest): a kill right after
+        // the last PUBACK can take a message the sender saw acknowledged, which no client can help. So the
+        // kill waits for two saves begun after the batch was acknowledged, the first of which holds it.
         acked.extend(publish_all(
             broker.port,
             UPLOAD,
@@ -150,6 +153,13 @@ pub fn broker_kills(seed: u64, n_images: usize, n_faults: usize) -> Run {
             32,
             Duration::from_secs(120),
         ));
+        let saves = broker.log().matches("Saving in-memory database").count();
+        let start = Instant::now();
+        while broker.log().matches("Saving in-memory database").count() < saves + 2
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         pause(&mut rng, 20, 80);
         broker.kill9();
         faults += 1;
