@@ -38,12 +38,14 @@
 
 mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod layout;
 pub mod logging;
 pub mod mqtt;
+pub mod retention;
 mod storage;
 pub mod tools;
 mod topic;

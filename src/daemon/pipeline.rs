@@ -651,6 +651,11 @@ impl Committer {
                     self.dirty.insert(folder);
                     return Ok(());
                 }
+                // The folder vanished since it was made: make it again.
+                Persisted::NoFolder(back) => {
+                    temp = back;
+                    self.folders.remove(&folder);
+                }
                 Persisted::Taken(back) => {
                     temp = back;
                     if let (Kind::Image, Some(hash)) = (&slot.kind, slot.hash) {
