@@ -64,11 +64,46 @@ pub struct Stats {
     pub last_image_ms: AtomicU64,
     /// Set while the disk refuses writes.
     pub disk_trouble: AtomicBool,
+    /// Set while uploads are held because the free space is below `retention.min_free`.
+    pub space_low: AtomicBool,
+    /// Images and bytes the committer listed in the catalog since start.
+    pub appended_images: AtomicU64,
+    pub appended_bytes: AtomicU64,
+    /// What retention last counted as stored, and the committer's appends it counted in by then.
+    pub kept_images: AtomicU64,
+    pub kept_bytes: AtomicU64,
+    pub kept_at_images: AtomicU64,
+    pub kept_at_bytes: AtomicU64,
 }
 
 impl Stats {
     pub fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The committer listed an image in the catalog.
+    pub fn appended(&self, images: u64, bytes: u64) {
+        self.appended_images.fetch_add(images, Ordering::Relaxed);
+        self.appended_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Retention counted what is stored, with the committer's appends up to `at_images` and `at_bytes`.
+    pub fn set_kept(&self, images: u64, bytes: u64, at_images: u64, at_bytes: u64) {
+        self.kept_images.store(images, Ordering::Relaxed);
+        self.kept_bytes.store(bytes, Ordering::Relaxed);
+        self.kept_at_images.store(at_images, Ordering::Relaxed);
+        self.kept_at_bytes.store(at_bytes, Ordering::Relaxed);
+    }
+
+    /// The images and bytes stored now: retention's last count and what was appended since.
+    pub fn stored_totals(&self) -> (u64, u64) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (
+            get(&self.kept_images)
+                + get(&self.appended_images).saturating_sub(get(&self.kept_at_images)),
+            get(&self.kept_bytes)
+                + get(&self.appended_bytes).saturating_sub(get(&self.kept_at_bytes)),
+        )
     }
 }
 
@@ -106,6 +141,14 @@ impl Health {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stored_totals_are_retentions_count_and_the_appends_after_it() {
+        let stats = Stats::default();
+        stats.appended(3, 300);
+        stats.set_kept(10, 1000, 2, 200);
+        assert_eq!(stats.stored_totals(), (11, 1100));
+    }
 
     #[test]
     fn an_idle_part_is_never_stalled_and_a_busy_one_is_after_the_limit() {
