@@ -455,7 +455,7 @@ impl Committer {
                 }
             }
             Inbox::Written { seq, bytes, result } => {
-                self.writing_bytes = self.writing_bytes.saturating_sub(bytes as u64);
+                self.writing_bytes = self.writing_bytes.saturating_sub(on_disk(bytes));
                 // A duplicate may be settled before its writer is done: its copy is dropped (removed) here.
                 let Some(slot) = self.slots.get_mut(&seq) else {
                     return false;
@@ -527,7 +527,7 @@ impl Committer {
             Kind::Quarantine(_) => true,
             Kind::Image => false,
         };
-        let bytes = slot.payload.len() as u64;
+        let bytes = on_disk(slot.payload.len());
         if !self.room_for(bytes) {
             let now = Instant::now();
             let since = self.space_hold.map_or(now, |(since, _)| since);
@@ -948,6 +948,12 @@ impl Committer {
         }
         self.republishes.confirmed.clear();
     }
+}
+
+/// What a file of `bytes` takes on disk, as the free space counts it: whole blocks (4 KiB on the usual
+/// filesystems; a little more room than needed on others).
+fn on_disk(bytes: usize) -> u64 {
+    crate::retention::blocks_of(bytes as u64, 4096)
 }
 
 fn file_has_size(path: &Path, size: u64) -> bool {

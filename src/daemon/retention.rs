@@ -160,6 +160,7 @@ pub fn start(
         last_pass: Instant::now(),
         quarantine_deleted: 0,
         failing: false,
+        tidied: false,
     };
     thread.publish_totals();
     let join = std::thread::Builder::new()
@@ -187,6 +188,8 @@ struct Retention {
     quarantine_deleted: u64,
     /// The last pass failed (logged once until one works again).
     failing: bool,
+    /// The first pass took the lines of files a crash deleted off the front.
+    tidied: bool,
 }
 
 impl Retention {
@@ -269,6 +272,7 @@ impl Retention {
                 is_pending: &is_pending,
                 beat: &beat,
                 save_always: requested,
+                tidy_front: !self.tidied,
             },
         );
         let report = match result {
@@ -288,6 +292,7 @@ impl Retention {
             info!("Retention works again");
             self.failing = false;
         }
+        self.tidied = true;
         let after = self.store.appended_at_tail();
         self.headroom = headroom(
             after.bytes - before.bytes,
@@ -314,27 +319,27 @@ impl Retention {
         if report.deleted > 0 {
             let limits: Vec<String> = report.limits.iter().map(ToString::to_string).collect();
             let limits = limits.join(", ");
-            let (kept, received) = report.kept.as_ref().map_or_else(
-                || ("none".to_string(), "no image is left".to_string()),
+            let (oldest_kept, kept) = report.kept.as_ref().map_or_else(
+                || (String::new(), "no image is left".to_string()),
                 |l| {
-                    (
-                        l.name.clone(),
-                        format!("received {}", crate::clock::format_ms(l.at_ms)),
-                    )
+                    let path = self.settings.image_dir.join(&l.name).display().to_string();
+                    let kept = format!(
+                        "the oldest image kept is {path} (received {})",
+                        crate::clock::format_ms(l.at_ms)
+                    );
+                    (path, kept)
                 },
             );
-            let path = self.settings.image_dir.join(&kept);
             info!(
                 deleted = report.deleted,
                 bytes = report.bytes,
-                oldest_kept = %path.display(),
+                oldest_kept = %oldest_kept,
                 limits = %limits,
                 catalog_bytes_read = report.catalog_bytes_read,
                 elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-                "Retention: deleted {} images ({}) for {limits}; the oldest image kept is {} ({received}); {} images, {} stored",
+                "Retention: deleted {} images ({}) for {limits}; {kept}; {} images, {} stored",
                 report.deleted,
                 Size(report.bytes),
-                path.display(),
                 report.images,
                 Size(report.stored_bytes),
             );
@@ -349,10 +354,13 @@ impl Retention {
         for why in &report.undeletable {
             warn!("Retention: {why}; leaving it");
         }
-        let unmet = report
-            .unmet
-            .clone()
-            .filter(|(_, why)| !matches!(why, Blocked::Budget));
+        let floor = report
+            .space
+            .map_or(0, |s| self.settings.policy.min_free_bytes(&s));
+        // Short of the headroom but above min_free itself, the committer still writes: no episode.
+        let unmet = report.unmet.clone().filter(|(limit, why)| {
+            !matches!(why, Blocked::Budget) && (*limit != Limit::Free || report.free_after < floor)
+        });
         if unmet == self.episode {
             return;
         }
@@ -365,13 +373,12 @@ impl Retention {
                 });
                 warn!(
                     "Free space on the filesystem of {} is {} of {}, below {} ({}), and no image is left to delete: \
-                     holding back acknowledgements when it is below {} (the broker keeps the images) until there is room",
+                     holding back acknowledgements (the broker keeps the images) until there is room",
                     self.settings.image_dir.display(),
-                    Size(space.available),
+                    Size(report.free_after),
                     Size(space.total),
                     Limit::Free,
-                    Size(report.free_target),
-                    Size(self.settings.policy.min_free_bytes(&space)),
+                    Size(floor),
                 );
             }
             Some((limit, Blocked::Unconfirmed(name))) => warn!(

@@ -741,9 +741,14 @@ impl Store {
 
     /// Reads lines from the cursor up to the tail.
     pub fn reader(&self) -> Result<Reader, PathError> {
+        self.reader_from(self.checkpoint.cursor)
+    }
+
+    /// Reads lines from `at` (a line's start) up to the tail.
+    pub fn reader_from(&self, at: Position) -> Result<Reader, PathError> {
         Ok(Reader {
             dir: self.dir.clone(),
-            at: self.checkpoint.cursor,
+            at,
             end: self.checkpoint.tail,
             segments: segments(&self.dir)?,
             file: None,

@@ -118,6 +118,9 @@ pub struct Options<'a> {
     pub beat: &'a dyn Fn(),
     /// Write the checkpoint even when nothing changed (`imaged prune` waits for it).
     pub save_always: bool,
+    /// First take off the front the lines whose files are gone, whatever the limits: after a crash in the
+    /// middle of a pass, those the pass deleted before its checkpoint (one stat each, and one more).
+    pub tidy_front: bool,
 }
 
 /// Why a limit still does not hold after a pass.
@@ -156,6 +159,8 @@ pub struct Report {
     /// The filesystem before the pass, and the free space it aims for (min_free and the headroom).
     pub space: Option<Space>,
     pub free_target: u64,
+    /// The free space after the pass, as its deletions give it back (an estimate: other writers).
+    pub free_after: u64,
     pub folders_removed: usize,
 }
 
@@ -184,10 +189,11 @@ pub fn pass(
         folders: BTreeSet::new(),
     };
     let mut reader = store.reader()?;
+    let mut tidying = options.tidy_front;
     loop {
         let free = space.map(|_| (tally.available, report.free_target));
         let broken = over(policy, tally.stored, free);
-        if broken.is_none() && policy.max_age_ms == 0 {
+        if !tidying && broken.is_none() && policy.max_age_ms == 0 {
             break;
         }
         if report.deleted >= options.max_deletions {
@@ -206,6 +212,16 @@ pub fn pass(
             }
             catalog::Item::Line(line, next) => (line, next),
         };
+        if tidying {
+            if image_dir.join(&line.name).symlink_metadata().is_err() {
+                report.vanished += 1;
+                tally.stored = tally.stored.saturating_sub(line.size);
+                tally.images = tally.images.saturating_sub(1);
+                tally.cursor = next;
+                continue;
+            }
+            tidying = false;
+        }
         let Some(limit) = must_go(policy, tally.stored, free, options.now_ms, line.at_ms) else {
             report.kept = Some(line);
             break;
@@ -232,6 +248,7 @@ pub fn pass(
         }
     }
     report.catalog_bytes_read = reader.total_read();
+    report.free_after = tally.available;
     report.images = tally.images;
     report.stored_bytes = tally.stored;
     if !options.dry_run {
@@ -438,6 +455,7 @@ mod tests {
                 is_pending: &is_pending,
                 beat: &|| {},
                 save_always: false,
+                tidy_front: false,
             },
         )
         .unwrap()
@@ -511,6 +529,7 @@ mod tests {
                 is_pending: &is_pending,
                 beat: &|| {},
                 save_always: false,
+                tidy_front: false,
             },
         )
         .unwrap();
@@ -543,5 +562,40 @@ mod tests {
             "{}",
             report.catalog_bytes_read
         );
+    }
+
+    #[test]
+    fn after_a_crash_mid_pass_the_lines_of_files_already_deleted_are_counted_off_first() {
+        let state = tempfile::tempdir().unwrap();
+        let images = tempfile::tempdir().unwrap();
+        let (mut store, mut writer, _) = catalog::open(state.path(), 1, || false).unwrap();
+        let lines = stored(
+            images.path(),
+            &[(1, 10, "1.jpg"), (2, 10, "2.jpg"), (3, 10, "3.jpg")],
+        );
+        writer.append(&lines).unwrap();
+        // A pass deleted these, and was killed before its checkpoint.
+        std::fs::remove_file(images.path().join("1.jpg")).unwrap();
+        std::fs::remove_file(images.path().join("2.jpg")).unwrap();
+        let no_limits = policy(0, 0, FreeSpace::Bytes(Size(0)));
+        let is_pending = |_: &str| false;
+        let report = pass(
+            &mut store,
+            images.path(),
+            &no_limits,
+            &Options {
+                dry_run: false,
+                now_ms: 0,
+                headroom: 0,
+                max_deletions: 100,
+                is_pending: &is_pending,
+                beat: &|| {},
+                save_always: false,
+                tidy_front: true,
+            },
+        )
+        .unwrap();
+        assert_eq!((report.deleted, report.vanished), (0, 2));
+        assert_eq!((store.checkpoint.images, store.checkpoint.bytes), (1, 10));
     }
 }

@@ -80,6 +80,7 @@ fn options<'a>(dry_run: bool, is_pending: &'a dyn Fn(&str) -> bool) -> retention
         is_pending,
         beat: &|| {},
         save_always: true,
+        tidy_front: true,
     }
 }
 
