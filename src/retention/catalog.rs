@@ -303,6 +303,7 @@ impl Writer {
             .mode(MODE)
             .open(&path)
             .at("open", &path)?;
+        owned_like_folder(&path, dir);
         let len = file.metadata().at("stat", &path)?.len();
         let mut appended = appended;
         appended.end = Position {
