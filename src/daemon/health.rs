@@ -66,7 +66,7 @@ pub struct Stats {
     pub disk_trouble: AtomicBool,
     /// Set while uploads are held because the free space is below `retention.min_free`.
     pub space_low: AtomicBool,
-    /// Images and bytes the committer listed in the catalog since start.
+    /// Images and bytes listed in the catalog since start (the catalog writer's counts).
     pub appended_images: AtomicU64,
     pub appended_bytes: AtomicU64,
     /// What retention last counted as stored, and the committer's appends it counted in by then.
@@ -81,10 +81,10 @@ impl Stats {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The committer listed an image in the catalog.
-    pub fn appended(&self, images: u64, bytes: u64) {
-        self.appended_images.fetch_add(images, Ordering::Relaxed);
-        self.appended_bytes.fetch_add(bytes, Ordering::Relaxed);
+    /// What the catalog writer appended since start, in all.
+    pub fn set_appended(&self, images: u64, bytes: u64) {
+        self.appended_images.store(images, Ordering::Relaxed);
+        self.appended_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Retention counted what is stored, with the committer's appends up to `at_images` and `at_bytes`.
@@ -145,7 +145,7 @@ mod tests {
     #[test]
     fn the_stored_totals_are_retentions_count_and_the_appends_after_it() {
         let stats = Stats::default();
-        stats.appended(3, 300);
+        stats.set_appended(3, 300);
         stats.set_kept(10, 1000, 2, 200);
         assert_eq!(stats.stored_totals(), (11, 1100));
     }

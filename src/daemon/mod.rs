@@ -73,6 +73,11 @@ async fn serve(config: Config) -> Result<(), Error> {
         config.topics.upload,
         config.storage.dir.display()
     );
+    // Before the state folder's lock, which tells `imaged prune` whom to signal: SIGUSR1 would end a
+    // process without a handler.
+    let prune_signals =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+            .map_err(Error::Runtime)?;
     let limits = &config.limits;
     let inflight = u16::try_from(limits.inflight_images.min(usize::from(u16::MAX) - 16))
         .expect("bounded to fit");
@@ -115,7 +120,7 @@ async fn serve(config: Config) -> Result<(), Error> {
     );
     let supervisor = tokio::spawn(systemd::supervise(health.clone(), broker_name.clone()));
     let trimmer = tokio::spawn(trim_memory(health.clone()));
-    let prune_requests = tokio::spawn(prune_requests(retention.clone()));
+    let prune_requests = tokio::spawn(prune_requests(prune_signals, retention.clone()));
     let ready_status = format!("connected to {broker_name}; ready");
     let result = session
         .run(eventloop, outcomes_rx, shutdown::requested(), || {
@@ -177,6 +182,8 @@ fn start_storage(
     let (index, recovery) = open_storage(config)?;
     log_recovery(&recovery);
     let (store, catalog) = open_catalog(config, &index)?;
+    let counts = catalog.counts();
+    health.stats.set_appended(counts.images, counts.bytes);
     let policy = crate::retention::Policy::new(&config.retention);
     let pending = Arc::new(retention::Pending::new(
         recovery.unconfirmed.iter().map(|(_, name)| name.clone()),
@@ -254,11 +261,7 @@ async fn trim_memory(health: Arc<Health>) {
 }
 
 /// `imaged prune` asks for a pass now with SIGUSR1.
-async fn prune_requests(retention: retention::Handle) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut requests) = signal(SignalKind::user_defined1()) else {
-        return;
-    };
+async fn prune_requests(mut requests: tokio::signal::unix::Signal, retention: retention::Handle) {
     while requests.recv().await.is_some() {
         info!("Asked for a retention pass now (SIGUSR1, as imaged prune sends)");
         retention.request();

@@ -683,11 +683,12 @@ impl Committer {
         if records.is_empty() {
             return Ok(());
         }
-        // Before the name can exist on disk: retention must never see it unprotected.
+        self.index.record_stored(&records)?;
+        // Before the name can exist on disk (its rename comes later): retention never sees it unprotected.
+        // Not before the record: a record that failed is made again, and would count the name twice.
         for (_, _, name) in &records {
             self.pending.insert(name);
         }
-        self.index.record_stored(&records)?;
         for slot in self.slots.values_mut() {
             if let Some(Decision::Store { recorded, .. }) = &mut slot.decision {
                 *recorded = true;
@@ -744,7 +745,8 @@ impl Committer {
             .collect();
         self.catalog.append(&lines)?;
         let stats = &self.health.stats;
-        stats.appended(lines.len() as u64, lines.iter().map(|l| l.size).sum());
+        let counts = self.catalog.counts();
+        stats.set_appended(counts.images, counts.bytes);
         if self.settings.max_size > 0 && stats.stored_totals().1 > self.settings.max_size {
             self.retention.wake();
         }
@@ -801,7 +803,6 @@ impl Committer {
                     if let (Kind::Image, Some(hash)) = (&slot.kind, slot.hash) {
                         let old = name;
                         let name = self.names.next(slot.at, &slot.camera);
-                        self.pending.insert(&name);
                         // Like the first name's, the new name's record is durable before its rename.
                         self.index.record_stored(&[(
                             hash,
@@ -809,6 +810,7 @@ impl Committer {
                             name.clone(),
                         )])?;
                         self.deciding.insert(hash);
+                        self.pending.insert(&name);
                         self.pending.remove(&old);
                         slot.decision = Some(Decision::Store {
                             name,

@@ -324,6 +324,11 @@ impl Writer {
         self.appended.clone()
     }
 
+    /// What this writer appended so far.
+    pub fn counts(&self) -> Appended {
+        *self.appended.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Appends `lines` with one write. On error nothing is appended (the file is cut back), so the caller
     /// can try the same lines again.
     pub fn append(&mut self, lines: &[Line]) -> Result<(), PathError> {
@@ -347,8 +352,10 @@ impl Writer {
             appended.images += lines.len() as u64;
             appended.bytes += lines.iter().map(|l| l.size).sum::<u64>();
         }
+        // The lines are in: a segment that cannot be closed now is tried again at the next append, and the
+        // caller must not append these lines twice.
         if self.len >= SEGMENT_BYTES {
-            self.roll()?;
+            let _ = self.roll();
         }
         Ok(())
     }
@@ -358,12 +365,14 @@ impl Writer {
         let path = segment_path(&self.dir, self.segment);
         self.file.sync_data().at("fsync", &path)?;
         let next = Writer::open(&self.dir, self.segment + 1, Appended::default())?;
-        storage::sync_dir(&self.dir)?;
+        // Readers take a newer segment as proof that the older is complete: once it exists, it is the one.
         self.segment = next.segment;
         self.file = next.file;
         self.len = next.len;
         self.appended.lock().unwrap_or_else(|e| e.into_inner()).end =
             Position::start_of(self.segment);
+        // Should the new name not survive a power cut, its lines are restored from the index at start-up.
+        let _ = storage::sync_dir(&self.dir);
         Ok(())
     }
 
@@ -913,7 +922,16 @@ impl Reader {
                     }
                 }
                 let path = segment_path(&self.dir, segment);
-                let mut file = File::open(&path).at("open", &path)?;
+                let mut file = match File::open(&path) {
+                    Ok(file) => file,
+                    // Another process's pass took it since it was listed: go on with the next.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        self.segments.retain(|s| *s != segment);
+                        self.at = Position::start_of(segment + 1);
+                        continue;
+                    }
+                    Err(e) => return Err(e).at("open", &path),
+                };
                 file.seek(SeekFrom::Start(self.at.offset))
                     .at("seek", &path)?;
                 // Small: what a pass reads beyond the lines it deletes is at most this.

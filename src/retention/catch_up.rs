@@ -105,10 +105,20 @@ pub fn catch_up(
     } else {
         HashSet::new()
     };
-    let mut merged = runs.merge()?.filter(|l| match l {
-        Ok(line) => line.at_ms < recent_from || !live.contains(&line.name),
-        Err(_) => true,
-    });
+    let mut written = 0u64;
+    let mut merged = runs
+        .merge()?
+        .filter(|l| match l {
+            Ok(line) => line.at_ms < recent_from || !live.contains(&line.name),
+            Err(_) => true,
+        })
+        .inspect(|_| {
+            // Writing a million lines takes a while: signs of life for the watchdog.
+            written += 1;
+            if written % 1000 == 0 {
+                keep_going();
+            }
+        });
     let (images, bytes) = store.add_caught_up(&mut merged)?;
     drop(merged);
     found.images = images;

@@ -61,6 +61,12 @@ pub fn run(config: &Config, args: &PruneArgs, outbox: Outbox) -> Result<(), Erro
     if args.dry_run {
         return dry_run(config, &policy, outbox);
     }
+    // Another `imaged prune` that finds this one holding the lock asks it as it would ask the daemon, and
+    // sees its pass in the checkpoint: the signal must not end this one.
+    // SAFETY: ignoring a signal has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+    }
     match catalog::try_lock(&state)? {
         Locked::Held(lock) => {
             let result = prune_here(config, &policy, outbox);
@@ -144,6 +150,13 @@ fn ask_daemon(state: &Path, pid: Option<u32>) -> Result<(), Error> {
         )));
     };
     let before = catalog::read_checkpoint(state)?;
+    if before.as_ref().is_some_and(|c| c.catch_up) {
+        println!(
+            "imaged (process {pid}) is listing the images stored before its catalog existed (once, after an \
+             upgrade); it prunes by itself once that is done"
+        );
+        return Ok(());
+    }
     let target = i32::try_from(pid).map_err(|_| Error::Daemon(format!("process id {pid}?")))?;
     // SAFETY: kill only sends a signal.
     if unsafe { libc::kill(target, libc::SIGUSR1) } != 0 {
