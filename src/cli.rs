@@ -38,6 +38,9 @@ pub enum Command {
     Send(SendArgs),
     /// Save the images republished on the stored topic
     Receive(ReceiveArgs),
+    /// Delete the oldest stored images as [retention] says, now (safe while the daemon runs: it asks the
+    /// daemon to do it); --dry-run only says what would go
+    Prune(PruneArgs),
     /// Write the man pages and shell completions into DIR (used to build the package)
     #[command(hide = true)]
     GenerateAssets {
@@ -91,6 +94,13 @@ pub struct SendArgs {
     /// Send each new JPEG that appears in DIR, once, when it is complete (until Ctrl-C)
     #[arg(long, value_name = "DIR", conflicts_with = "interval")]
     pub watch: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Print what the policy would delete now (count, bytes, oldest and newest), and delete nothing
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -19,32 +19,38 @@
 //! The parts, each a folder:
 //! * [`daemon`]: the service. `session` owns the broker connection; `pipeline` writes and settles uploads
 //!   (writer threads and one committer); `index` is the append-only log that is both the dedup index and
-//!   the republish outbox; `health` and `systemd` are signs of life, counters, READY, STATUS and the
-//!   watchdog; `shutdown` is the stop signal.
+//!   the republish outbox; `retention` is the thread that deletes the oldest images; `health` and
+//!   `systemd` are signs of life, counters, READY, STATUS and the watchdog; `shutdown` is the stop signal.
 //! * [`mqtt`]: client code shared by the daemon and the tools: connect options, credentials, TLS, the event
 //!   loop as a backing-off stream, the [`mqtt::PublishWindow`], connection errors in words, and the check of
 //!   a local Mosquitto's settings.
-//! * [`tools`]: `imaged send`, `imaged receive`, `imaged check-config` and `generate-assets`.
+//! * [`tools`]: `imaged send`, `imaged receive`, `imaged check-config`, `imaged prune` and
+//!   `generate-assets`.
 //!
 //! Shared by all of them, at the top:
 //! * [`config`]: the TOML file, its defaults and its validation; errors name the file and `section.key`.
-//! * [`storage`]: names, the JPEG check, the atomic never-replacing durable write; errors name the path.
-//! * [`layout`]: where an image goes: the camera a topic names, the `storage.path` template.
+//! * [`storage`]: names, the JPEG check, the atomic never-replacing durable write, free space; errors name
+//!   the path. [`layout`]: where an image goes.
+//! * [`retention`]: the catalog of stored images, the policy, and the pass that deletes the oldest (the
+//!   daemon's thread and `imaged prune` both run it). [`clock`]: the time images are stamped and judged by.
 //! * [`topic`]: MQTT topic rules. [`backoff`]: retry delays. [`logging`]: where log lines go, and how many.
 //! * [`cli`]: the command line's definition; [`exit`]: the exit codes. `main` dispatches and maps each
 //!   command's error to its exit code.
 //!
-//! Imports go one way: `cli` and the tools use `config`; the daemon and the tools use `mqtt` and `storage`;
-//! nothing at the top uses a part.
+//! Imports go one way: `cli` and the tools use `config`; the daemon and the tools use `mqtt`, `storage` and
+//! `retention`; nothing at the top uses a part (`imaged prune` is handed the daemon's reader of its outbox by
+//! `main`, so the tools do not use the daemon either).
 
 mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod layout;
 pub mod logging;
 pub mod mqtt;
+pub mod retention;
 mod storage;
 pub mod tools;
 mod topic;

@@ -36,6 +36,10 @@ fn main() -> ExitCode {
                 tools::receive::run(config, &args)
                     .map_err(|e| report("imaged receive", &e, e.exit()))
             }),
+        Some(Command::Prune(args)) => start(required(), cli.log_level).and_then(|config| {
+            tools::prune::run(&config, &args, daemon::outbox_names)
+                .map_err(|e| report("imaged prune", &e, e.exit()))
+        }),
         Some(Command::GenerateAssets { dir }) => {
             tools::assets::run(&dir).map_err(|e| report("imaged", e, Exit::Failure))
         }

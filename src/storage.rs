@@ -1,9 +1,10 @@
 //! The storage folder: what an image is called, what counts as a JPEG, and the durable, atomic,
 //! never-replacing write.
 //!
-//! A file being written is `.incoming-XXXXXX.part` in the folder it will end up in; it is written, fsynced,
-//! then renamed to its final name with `renameat2(RENAME_NOREPLACE)`, and the folder is fsynced before anyone
-//! is told. A reader therefore sees either no image or the whole image, and an existing file is never replaced.
+//! A file being written is `.incoming-XXXXXX.part` in the small `.incoming/` folder of `storage.dir` (the
+//! same filesystem, so the rename stays atomic, and start-up sweeps leftovers without listing the image
+//! folders); it is written, fsynced, then renamed to its final name with `renameat2(RENAME_NOREPLACE)`, and
+//! the folder is fsynced before anyone is told. A reader therefore sees either no image or the whole image, and an existing file is never replaced.
 //! Every error names the path it is about.
 
 use std::fmt;
@@ -25,6 +26,18 @@ pub const DIR_MODE: u32 = 0o750;
 /// Prefix of files still being written; readers skip dot-files, and the start-up sweep removes them.
 pub const TEMP_PREFIX: &str = ".incoming-";
 pub const TEMP_SUFFIX: &str = ".part";
+
+/// The folder of `storage.dir` that images are written in before their rename.
+pub const INCOMING_DIR: &str = ".incoming";
+
+pub fn incoming_dir(image_dir: &Path) -> PathBuf {
+    image_dir.join(INCOMING_DIR)
+}
+
+/// Whether a file name is one of imaged's temp files.
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
+}
 
 /// An I/O error with the operation and the path it failed on.
 #[derive(Debug)]
@@ -322,6 +335,9 @@ pub enum Persisted {
     Done,
     /// The name exists: nothing was replaced; the temp file is handed back to try another name.
     Taken(TempPath),
+    /// The target's folder is gone (retention removes folders it emptied): the temp file is handed back to
+    /// try again once the folder is made anew.
+    NoFolder(TempPath),
 }
 
 /// Renames a written temp file to `dir/name` without replacing anything. The caller fsyncs the folder.
@@ -330,6 +346,10 @@ pub fn persist(temp: TempPath, dir: &Path, name: &str) -> Result<Persisted, Path
     match temp.persist_noclobber(&target) {
         Ok(()) => Ok(Persisted::Done),
         Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Ok(Persisted::Taken(e.path)),
+        // The temp file itself is in place (the caller holds it), so a missing path is the target's folder.
+        Err(e) if e.error.kind() == io::ErrorKind::NotFound && e.path.exists() => {
+            Ok(Persisted::NoFolder(e.path))
+        }
         Err(e) => Err(PathError {
             op: "rename a temp file to",
             path: target,
@@ -340,18 +360,77 @@ pub fn persist(temp: TempPath, dir: &Path, name: &str) -> Result<Persisted, Path
 
 /// Removes temp files left by writes that a crash cut short; they were never acknowledged.
 pub fn sweep_temp_files(dir: &Path) -> Result<usize, PathError> {
+    sweep(dir, is_temp_name)
+}
+
+/// Removes every dot-file of a folder of imaged's state: all its temp files start with a dot (`.index-*` of
+/// the index compaction, `.incoming-*.part` of a replaced file, `.catchup-*` of the catalog's catch-up).
+pub fn sweep_hidden_files(dir: &Path) -> Result<usize, PathError> {
+    sweep(dir, |name| name.starts_with('.'))
+}
+
+fn sweep(dir: &Path, remove: impl Fn(&str) -> bool) -> Result<usize, PathError> {
     let mut removed = 0;
     for entry in fs::read_dir(dir).at("list", dir)? {
         let entry = entry.at("list", dir)?;
         let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
+        if remove(&name.to_string_lossy()) && !entry.file_type().at("stat", &entry.path())?.is_dir()
+        {
             let path = entry.path();
             fs::remove_file(&path).at("remove the leftover temp file", &path)?;
             removed += 1;
         }
     }
     Ok(removed)
+}
+
+/// Removes a file; false when it was not there (which is no error: another pass took it first).
+pub fn remove_if_present(path: &Path) -> Result<bool, PathError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).at("delete", path),
+    }
+}
+
+/// Space on the filesystem holding `dir`: what an unprivileged writer may still use, and the whole size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    pub available: u64,
+    pub total: u64,
+    /// The filesystem's allocation unit: what a file of one byte takes.
+    pub block: u64,
+}
+
+pub fn space(dir: &Path) -> Result<Space, PathError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+        .at("check the free space of", dir)?;
+    // SAFETY: statvfs writes into the zeroed struct it is given; the path is a valid C string.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error()).at("check the free space of", dir);
+    }
+    let (block, available, blocks) = counts(&stat);
+    let block = block.max(1);
+    Ok(Space {
+        available: available.saturating_mul(block),
+        total: blocks.saturating_mul(block),
+        block,
+    })
+}
+
+#[expect(
+    clippy::useless_conversion,
+    reason = "u64 on 64-bit targets, but c_ulong is u32 on 32-bit ones such as a Raspberry Pi's armhf"
+)]
+fn counts(stat: &libc::statvfs) -> (u64, u64, u64) {
+    (
+        u64::from(stat.f_frsize),
+        u64::from(stat.f_bavail),
+        u64::from(stat.f_blocks),
+    )
 }
 
 /// Lowercase hex of a digest, for names in logs and the index.
@@ -561,6 +640,28 @@ mod tests {
         create_dir(&dir, 0o750).unwrap();
         power.cut_and_reboot();
         assert!(dir.is_dir());
+    }
+
+    #[test]
+    fn a_rename_into_a_folder_that_vanished_hands_the_temp_file_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let temp = write_temp(dir.path(), b"x", 0o640).unwrap();
+        let Persisted::NoFolder(temp) = persist(temp, dir.path(), "gone/a.jpg").unwrap() else {
+            panic!("the folder does not exist")
+        };
+        fs::create_dir(dir.path().join("gone")).unwrap();
+        assert!(matches!(
+            persist(temp, dir.path(), "gone/a.jpg").unwrap(),
+            Persisted::Done
+        ));
+    }
+
+    #[test]
+    fn the_free_space_of_a_folder_is_within_its_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let found = space(dir.path()).unwrap();
+        assert!(found.available <= found.total && found.total > 0 && found.block > 0);
+        assert!(space(&dir.path().join("missing")).is_err());
     }
 
     #[test]

@@ -1284,7 +1284,7 @@ fn hostile_topic_names_never_become_paths_and_nothing_lands_outside_the_storage_
         let entry = entry.unwrap();
         let name = entry.file_name().to_string_lossy().to_string();
         match name.as_str() {
-            ".imaged" | ".quarantine" => assert!(entry.path().is_dir()),
+            ".imaged" | ".quarantine" | ".incoming" => assert!(entry.path().is_dir()),
             _ => {
                 assert!(is_image_name(&name), "{name:?} in the storage folder");
                 assert!(entry.path().is_file());

@@ -304,6 +304,53 @@ fn receive_with_a_dir_keeps_every_image_under_its_own_name() {
 }
 
 #[test]
+fn receive_with_a_dir_and_a_path_keeps_the_folder_layout_of_each_camera() {
+    let broker = Broker::start();
+    let dir = scratch();
+    let port = broker.port.to_string();
+    let receiver = imaged(&[
+        "receive",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--topic",
+        "image/stored/+",
+        "--count",
+        "6",
+        "--path",
+        "{camera}/%Y-%m-%d/image_%Y%m%d-%H%M%S.jpg",
+        "--dir",
+    ])
+    .arg(dir.path().join("got"))
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let images: Vec<Vec<u8>> = (0..6).map(|i| jpeg(750 + i, 2000)).collect();
+    for (i, image) in images.iter().enumerate() {
+        let topic = format!("image/stored/cam{}", i % 3 + 1);
+        assert!(broker.mosquitto_pub(&topic, image));
+    }
+    let out = receiver.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let got = stored_in(&dir.path().join("got"));
+    assert_eq!(got.len(), 6, "{:?}", got.keys());
+    for (name, bytes) in &got {
+        let i = images
+            .iter()
+            .position(|im| im == bytes)
+            .expect("a sent image");
+        let parts: Vec<&str> = name.split('/').collect();
+        assert_eq!(parts.len(), 3, "camera/date/file: {name}");
+        assert_eq!(parts[0], format!("cam{}", i % 3 + 1), "{name}");
+        assert_eq!(parts[1].len(), "2026-12-01".len(), "{name}");
+        assert!(parts[2].starts_with("image_"), "{name}");
+    }
+}
+
+#[test]
 fn every_tool_warns_about_a_password_file_every_user_can_read_and_log_level_quiets_it() {
     use std::os::unix::fs::PermissionsExt;
     let broker = Broker::start();

@@ -434,6 +434,18 @@ impl Storage {
         if self.dedup_window == 0 {
             return Err(KeyError::new("storage.dedup_window", "must be at least 1"));
         }
+        // Retention deletes under dir, and start-up sweeps the state folder's hidden files: they must differ.
+        for (key, dir) in [
+            ("storage.state_dir", &self.state_dir),
+            ("storage.quarantine_dir", &self.quarantine_dir),
+        ] {
+            if dir.as_ref().is_some_and(|d| d == &self.dir) {
+                return Err(KeyError::new(
+                    key,
+                    "must not be storage.dir itself (the default is a hidden folder inside it)",
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -540,6 +552,16 @@ mod tests {
         assert_eq!(config.topics.upload, "image/upload");
         assert_eq!(config.topics.stored, "image/stored");
         assert_eq!(config.storage.max_image_bytes, 33_554_432);
+        // The file shows the defaults.
+        let defaults = parse("").unwrap();
+        assert_eq!(
+            config.storage.quarantine_max_size,
+            defaults.storage.quarantine_max_size
+        );
+        assert_eq!(config.retention.max_size, defaults.retention.max_size);
+        assert_eq!(config.retention.max_age, defaults.retention.max_age);
+        assert_eq!(config.retention.min_free, defaults.retention.min_free);
+        assert!(text.contains("\n[retention]\n"));
     }
 
     #[test]
@@ -603,12 +625,43 @@ mod tests {
 
         #[test]
         fn any_value_for_a_known_key_gives_a_config_or_an_error_naming_it(
-            section in "(broker|topics|storage|limits|log)", key in "[a-z_]{1,20}", value in "(\"[^\"\\\\]{0,20}\"|-?[0-9]{1,12}|true|false|\\[\\])",
+            section in "(broker|topics|storage|retention|limits|log)", key in "[a-z_]{1,20}", value in "(\"[^\"\\\\]{0,20}\"|-?[0-9]{1,12}|true|false|\\[\\])",
         ) {
             if let Err(e) = parse(&format!("[{section}]\n{key} = {value}\n")) {
                 proptest::prop_assert!(e.key.is_some() || e.line.is_some(), "{}", e);
             }
         }
+    }
+
+    #[test]
+    fn retention_takes_sizes_durations_and_shares_and_names_a_bad_one() {
+        let config = parse(
+            "[storage]\nquarantine_max_size = \"1MiB\"\n[retention]\nmax_size = \"50GB\"\nmax_age = \"30d\"\nmin_free = \"2GB\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.storage.quarantine_max_size, Size(1 << 20));
+        assert_eq!(config.retention.max_size, Size(50_000_000_000));
+        assert_eq!(config.retention.max_age.to_string(), "30d");
+        assert_eq!(
+            config.retention.min_free,
+            FreeSpace::Bytes(Size(2_000_000_000))
+        );
+        let defaults = parse("").unwrap();
+        assert_eq!(defaults.retention.max_size, Size(0));
+        assert!(defaults.retention.max_age.is_zero());
+        assert_eq!(defaults.retention.min_free, FreeSpace::Percent(5.0));
+        let err = parse("[retention]\nmax_age = \"a month\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("retention.max_age"));
+        assert_eq!(err.line, Some(2));
+        let err = parse("[retention]\nmin_free = \"120%\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("retention.min_free"));
+    }
+
+    #[test]
+    fn the_state_folder_may_not_be_the_image_folder() {
+        let err = parse("[storage]\ndir = \"/srv/img\"\nstate_dir = \"/srv/img\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("storage.state_dir"));
+        assert_eq!(err.line, Some(3));
     }
 
     #[test]

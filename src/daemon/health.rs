@@ -70,11 +70,46 @@ pub struct Stats {
     pub disk_trouble: AtomicBool,
     /// Uploads handed to the pipeline and not yet settled: the session's.
     pub inflight: AtomicU64,
+    /// Set while uploads are held because the free space is below `retention.min_free`.
+    pub space_low: AtomicBool,
+    /// Images and bytes listed in the catalog since start (the catalog writer's counts).
+    pub appended_images: AtomicU64,
+    pub appended_bytes: AtomicU64,
+    /// What retention last counted as stored, and the committer's appends it counted in by then.
+    pub kept_images: AtomicU64,
+    pub kept_bytes: AtomicU64,
+    pub kept_at_images: AtomicU64,
+    pub kept_at_bytes: AtomicU64,
 }
 
 impl Stats {
     pub fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// What the catalog writer appended since start, in all.
+    pub fn set_appended(&self, images: u64, bytes: u64) {
+        self.appended_images.store(images, Ordering::Relaxed);
+        self.appended_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Retention counted what is stored, with the committer's appends up to `at_images` and `at_bytes`.
+    pub fn set_kept(&self, images: u64, bytes: u64, at_images: u64, at_bytes: u64) {
+        self.kept_images.store(images, Ordering::Relaxed);
+        self.kept_bytes.store(bytes, Ordering::Relaxed);
+        self.kept_at_images.store(at_images, Ordering::Relaxed);
+        self.kept_at_bytes.store(at_bytes, Ordering::Relaxed);
+    }
+
+    /// The images and bytes stored now: retention's last count and what was appended since.
+    pub fn stored_totals(&self) -> (u64, u64) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        (
+            get(&self.kept_images)
+                + get(&self.appended_images).saturating_sub(get(&self.kept_at_images)),
+            get(&self.kept_bytes)
+                + get(&self.appended_bytes).saturating_sub(get(&self.kept_at_bytes)),
+        )
     }
 }
 
@@ -112,7 +147,9 @@ impl Health {
         });
         part.or_else(|| {
             let waiting = self.stats.inflight.load(Ordering::Relaxed);
-            let trouble = self.stats.disk_trouble.load(Ordering::Relaxed);
+            // Uploads held for want of space are as known as a failing disk: imaged says so and waits.
+            let trouble = self.stats.disk_trouble.load(Ordering::Relaxed)
+                || self.stats.space_low.load(Ordering::Relaxed);
             let since = self.progress.age().unwrap_or_default();
             pipeline_stalled(waiting, trouble, since, limit).then(|| {
                 (
@@ -165,6 +202,14 @@ mod tests {
             "no work, nothing to hang on"
         );
         assert!(!pipeline_stalled(3, false, Duration::from_secs(2), limit));
+    }
+
+    #[test]
+    fn the_stored_totals_are_retentions_count_and_the_appends_after_it() {
+        let stats = Stats::default();
+        stats.set_appended(3, 300);
+        stats.set_kept(10, 1000, 2, 200);
+        assert_eq!(stats.stored_totals(), (11, 1100));
     }
 
     #[test]

@@ -299,6 +299,14 @@ impl Index {
         self.entries.get(hash)
     }
 
+    /// The remembered images, newest first.
+    pub fn newest(&self) -> impl Iterator<Item = (&Hash, &Entry)> {
+        self.order
+            .iter()
+            .rev()
+            .filter_map(|h| self.entries.get(h).map(|e| (h, e)))
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.entries.len()
@@ -481,6 +489,24 @@ fn file_holds(path: &Path, size: u64, hash: &Hash) -> Result<bool, PathError> {
     let mut hasher = Sha256::new();
     io::copy(&mut file, &mut hasher).at("read", path)?;
     Ok(hasher.finalize()[..] == hash[..])
+}
+
+/// The names of the stored images whose republish is not confirmed, read from the index of `state_dir`
+/// without changing it (for `imaged prune` while no daemon runs).
+pub fn outbox_names(state_dir: &Path) -> Result<Vec<String>, PathError> {
+    let path = state_dir.join(FILE_NAME);
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).at("open", &path),
+    };
+    let replayed = replay(file).at("read", &path)?;
+    Ok(replayed
+        .entries
+        .into_values()
+        .filter(|e| !e.confirmed)
+        .map(|e| e.name)
+        .collect())
 }
 
 #[cfg(test)]

@@ -14,6 +14,12 @@
 //! The committer also feeds republishes to the session, bounded in count and bytes; what does not fit in
 //! memory waits as an outbox entry in the index and is read back from the stored file when its turn comes.
 //! When the disk fails, uploads are held (not acknowledged) and retried with backoff; the broker keeps them.
+//! So are they when writing one would leave less free space than `retention.min_free`: the committer checks
+//! before every write and wakes the retention thread, which deletes the oldest images if it may.
+//!
+//! Once a group is durable, the committer lists its images in the retention catalog, and it names each image
+//! in [`Pending`] from the moment its name is recorded until its republish is confirmed, so that retention
+//! never deletes an image the broker has not confirmed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -32,8 +38,11 @@ use tracing::{debug, error, info, warn};
 
 use super::health::{Beat, Health, Stats};
 use super::index::{Hash, Index};
+use super::retention::{self, Pending};
 use crate::backoff::Backoff;
+use crate::config::FreeSpace;
 use crate::layout::{self, Template};
+use crate::retention::catalog::{self, Line};
 use crate::storage::{self, hex, Namer, PathError, Persisted, Rejection};
 
 /// An upload as the session hands it over. `gen` names the broker connection it came on.
@@ -57,9 +66,10 @@ pub enum Inbox {
         seq: u64,
         hash: Hash,
     },
-    /// A writer finished (or failed) writing upload `seq`.
+    /// A writer finished (or failed) writing upload `seq`, of `bytes`.
     Written {
         seq: u64,
+        bytes: usize,
         result: Result<TempPath, PathError>,
     },
     /// The broker acknowledged the republish of this image.
@@ -100,6 +110,16 @@ pub struct Settings {
     /// Bounds on republishes handed to the session and not yet confirmed.
     pub republish_images: usize,
     pub republish_bytes: usize,
+    /// Free space to keep on the storage filesystem (`None`: none); `retention.max_size` (0: none).
+    pub min_free: Option<FreeSpace>,
+    pub max_size: u64,
+}
+
+/// What the committer shares with retention.
+pub struct Retention {
+    pub catalog: catalog::Writer,
+    pub pending: Arc<Pending>,
+    pub handle: retention::Handle,
 }
 
 /// The running pipeline.
@@ -115,6 +135,7 @@ impl Pipeline {
         settings: Settings,
         index: Index,
         replay: Vec<(Hash, String)>,
+        retention: Retention,
         outcomes: UnboundedSender<Outcome>,
         health: Arc<Health>,
     ) -> Pipeline {
@@ -128,7 +149,7 @@ impl Pipeline {
                 inbox: inbox_tx.clone(),
                 beat: health.register(&format!("storage writer {n}")),
                 health: health.clone(),
-                image_dir: settings.image_dir.clone(),
+                incoming_dir: storage::incoming_dir(&settings.image_dir),
                 quarantine_dir: settings.quarantine_dir.clone(),
                 mode: settings.file_mode,
             };
@@ -148,6 +169,11 @@ impl Pipeline {
             folders: HashSet::new(),
             trouble: None,
             retry_at: None,
+            catalog: retention.catalog,
+            pending: retention.pending,
+            retention: retention.handle,
+            writing_bytes: 0,
+            space_hold: None,
             republishes: Republishes {
                 queue: replay
                     .into_iter()
@@ -199,7 +225,8 @@ struct Writer {
     beat: Arc<Beat>,
     /// For the pipeline's progress: every chunk written counts.
     health: Arc<Health>,
-    image_dir: PathBuf,
+    /// Images are written here, then renamed into their folders (the same filesystem).
+    incoming_dir: PathBuf,
     quarantine_dir: PathBuf,
     mode: u32,
 }
@@ -224,7 +251,7 @@ impl Writer {
             let dir = if job.quarantine {
                 &self.quarantine_dir
             } else {
-                &self.image_dir
+                &self.incoming_dir
             };
             let moved = || {
                 self.beat.beat();
@@ -235,6 +262,7 @@ impl Writer {
                 .inbox
                 .send(Inbox::Written {
                     seq: job.seq,
+                    bytes: job.payload.len(),
                     result,
                 })
                 .is_err()
@@ -357,10 +385,22 @@ struct Committer {
     /// When to write the held uploads again; no commit is tried before.
     retry_at: Option<Instant>,
     republishes: Republishes,
+    /// Where committed images are listed for retention.
+    catalog: catalog::Writer,
+    /// Images retention must keep: named from their record until their republish is confirmed.
+    pending: Arc<Pending>,
+    retention: retention::Handle,
+    /// Bytes handed to the writers and not written yet: the free space they will take.
+    writing_bytes: u64,
+    /// Since when uploads are held for lack of free space (last checked then).
+    space_hold: Option<(Instant, Instant)>,
 }
 
 /// How many messages one turn of the loop takes before it commits; bounds the latency of a group.
 const MAX_DRAIN: usize = 4096;
+
+/// How often held uploads look for free space again (retention is woken at once).
+const SPACE_RECHECK: Duration = Duration::from_millis(100);
 
 impl Committer {
     #[expect(
@@ -369,9 +409,12 @@ impl Committer {
     )]
     fn run(mut self, inbox: mpsc::Receiver<Inbox>) {
         loop {
-            let wait = self.retry_at.map_or(Duration::from_secs(1), |t| {
+            let mut wait = self.retry_at.map_or(Duration::from_secs(1), |t| {
                 t.saturating_duration_since(Instant::now())
             });
+            if self.space_hold.is_some() {
+                wait = wait.min(SPACE_RECHECK);
+            }
             let mut shutdown = false;
             // Waiting for work is healthy however long it lasts; only the work itself must not hang.
             self.beat.idle();
@@ -387,6 +430,12 @@ impl Committer {
             }
             if self.retry_at.is_some_and(|t| t <= Instant::now()) {
                 self.retry_at = None;
+                self.release_held();
+            } else if self.trouble.is_none()
+                && self
+                    .space_hold
+                    .is_some_and(|(_, checked)| checked.elapsed() >= SPACE_RECHECK)
+            {
                 self.release_held();
             }
             if self.retry_at.is_none() {
@@ -412,7 +461,8 @@ impl Committer {
                     slot.hash = Some(hash);
                 }
             }
-            Inbox::Written { seq, result } => {
+            Inbox::Written { seq, bytes, result } => {
+                self.writing_bytes = self.writing_bytes.saturating_sub(on_disk(bytes));
                 // A duplicate may be settled before its writer is done: its copy is dropped (removed) here.
                 let Some(slot) = self.slots.get_mut(&seq) else {
                     return false;
@@ -454,7 +504,7 @@ impl Committer {
             Err(why @ Rejection::TooLarge { .. }) => Kind::Refused(why),
             Err(why) => Kind::Quarantine(why),
         };
-        let mut slot = Slot {
+        let slot = Slot {
             gen: upload.gen,
             pkid: upload.pkid,
             qos: upload.qos,
@@ -468,33 +518,91 @@ impl Committer {
             decision: None,
             quarantine_name: None,
         };
-        if self.trouble.is_none() {
-            Self::write(&self.jobs, upload.seq, &mut slot);
+        let seq = upload.seq;
+        self.slots.insert(seq, slot);
+        if self.trouble.is_none() && self.space_hold.is_none() {
+            self.write(seq);
         }
-        self.slots.insert(upload.seq, slot);
     }
 
-    /// Hands a slot to the writers (a refused one has nothing to write).
-    fn write(jobs: &mpsc::Sender<Job>, seq: u64, slot: &mut Slot) {
+    /// Hands a slot to the writers (a refused one has nothing to write), if writing it leaves the free
+    /// space `retention.min_free` asks for; otherwise it stays held. False when it was held.
+    fn write(&mut self, seq: u64) -> bool {
+        let slot = self.slots.get(&seq).expect("a slot being written exists");
         let quarantine = match slot.kind {
-            Kind::Refused(_) => return,
+            Kind::Refused(_) => return true,
             Kind::Quarantine(_) => true,
             Kind::Image => false,
         };
-        let _ = jobs.send(Job {
+        let bytes = on_disk(slot.payload.len());
+        if !self.room_for(bytes) {
+            let now = Instant::now();
+            let since = self.space_hold.map_or(now, |(since, _)| since);
+            if self.space_hold.is_none() {
+                debug!("holding uploads: writing them would leave less free space than retention.min_free");
+                self.health.stats.space_low.store(true, Ordering::Relaxed);
+            }
+            self.space_hold = Some((since, now));
+            self.retention.wake();
+            return false;
+        }
+        let slot = self
+            .slots
+            .get_mut(&seq)
+            .expect("a slot being written exists");
+        let _ = self.jobs.send(Job {
             seq,
             payload: slot.payload.clone(),
             quarantine,
         });
         slot.bytes = Stage::Writing;
+        self.writing_bytes += bytes;
+        true
     }
 
-    /// After a disk failure's backoff: write the held uploads again.
-    fn release_held(&mut self) {
-        for (&seq, slot) in self.slots.iter_mut() {
-            if matches!(slot.bytes, Stage::Held) {
-                Self::write(&self.jobs, seq, slot);
+    /// Whether `bytes` more can be written and still leave `retention.min_free` free. A filesystem that
+    /// cannot tell is no reason to hold: the write itself will say what is wrong.
+    fn room_for(&self, bytes: u64) -> bool {
+        let Some(min_free) = self.settings.min_free else {
+            return true;
+        };
+        match storage::space(&self.settings.image_dir) {
+            Ok(space) => {
+                space.available.saturating_sub(self.writing_bytes)
+                    >= min_free.bytes_of(space.total) + bytes
             }
+            Err(e) => {
+                debug!("{e}");
+                true
+            }
+        }
+    }
+
+    /// After a disk failure's backoff, or once there may be room again: write the held uploads, in their
+    /// order, as far as there is room.
+    fn release_held(&mut self) {
+        let held: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, slot)| matches!(slot.bytes, Stage::Held))
+            .map(|(&seq, _)| seq)
+            .collect();
+        let was_held = self.space_hold.take();
+        for seq in held {
+            if !self.write(seq) {
+                // Keeps the episode's start.
+                if let (Some((since, _)), Some((_, checked))) = (was_held, self.space_hold) {
+                    self.space_hold = Some((since, checked));
+                }
+                return;
+            }
+        }
+        if let Some((since, _)) = was_held {
+            self.health.stats.space_low.store(false, Ordering::Relaxed);
+            debug!(
+                "free space is back: writing the uploads held for {:.1}s",
+                since.elapsed().as_secs_f64()
+            );
         }
     }
 
@@ -583,6 +691,11 @@ impl Committer {
             return Ok(());
         }
         self.index.record_stored(&records)?;
+        // Before the name can exist on disk (its rename comes later): retention never sees it unprotected.
+        // Not before the record: a record that failed is made again, and would count the name twice.
+        for (_, _, name) in &records {
+            self.pending.insert(name);
+        }
         for slot in self.slots.values_mut() {
             if let Some(Decision::Store { recorded, .. }) = &mut slot.decision {
                 *recorded = true;
@@ -611,11 +724,40 @@ impl Committer {
             storage::sync_dir(dir)?;
             self.dirty.pop_first();
         }
+        self.list_in_catalog(&ready)?;
         for seq in &ready {
             let slot = self.slots.remove(seq).expect("ready slots exist");
             self.settle(&slot);
         }
         Ok(ready.len())
+    }
+
+    /// Lists the stored images of a durable group in the catalog, before any of them is acknowledged. On
+    /// error nothing is listed, and the next commit lists the same again.
+    fn list_in_catalog(&mut self, ready: &[u64]) -> Result<(), PathError> {
+        let lines: Vec<Line> = ready
+            .iter()
+            .filter_map(|seq| {
+                let slot = &self.slots[seq];
+                match (&slot.kind, &slot.decision, slot.hash) {
+                    (Kind::Image, Some(Decision::Store { name, .. }), Some(hash)) => Some(Line {
+                        at_ms: u64::try_from(slot.at.timestamp_millis()).unwrap_or(0),
+                        size: slot.payload.len() as u64,
+                        hash: Some(hash),
+                        name: name.clone(),
+                    }),
+                    _ => None,
+                }
+            })
+            .collect();
+        self.catalog.append(&lines)?;
+        let stats = &self.health.stats;
+        let counts = self.catalog.counts();
+        stats.set_appended(counts.images, counts.bytes);
+        if self.settings.max_size > 0 && stats.stored_totals().1 > self.settings.max_size {
+            self.retention.wake();
+        }
+        Ok(())
     }
 
     /// Renames a written image or quarantined payload to its final name, never replacing a file: a taken
@@ -658,9 +800,15 @@ impl Committer {
                     self.dirty.insert(folder);
                     return Ok(());
                 }
+                // Retention removed the folder it emptied: make it again.
+                Persisted::NoFolder(back) => {
+                    temp = back;
+                    self.folders.remove(&folder);
+                }
                 Persisted::Taken(back) => {
                     temp = back;
                     if let (Kind::Image, Some(hash)) = (&slot.kind, slot.hash) {
+                        let old = name;
                         let name = self.names.next(slot.at, &slot.camera);
                         // Like the first name's, the new name's record is durable before its rename.
                         self.index.record_stored(&[(
@@ -669,6 +817,8 @@ impl Committer {
                             name.clone(),
                         )])?;
                         self.deciding.insert(hash);
+                        self.pending.insert(&name);
+                        self.pending.remove(&old);
                         slot.decision = Some(Decision::Store {
                             name,
                             recorded: true,
@@ -725,6 +875,7 @@ impl Committer {
             }
             (Kind::Quarantine(why), _, _) => {
                 let name = slot.quarantine_name.as_deref().unwrap_or_default();
+                self.retention.quarantined(name, bytes as u64);
                 let path = self.settings.quarantine_dir.join(name);
                 warn!(
                     path = %path.display(), bytes, topic = %topic, reason = %why,
@@ -794,12 +945,27 @@ impl Committer {
         if self.republishes.confirmed.is_empty() {
             return;
         }
+        // Once per image: a republish sent twice may be confirmed twice.
+        let mut given_up = HashSet::new();
+        for hash in &self.republishes.confirmed {
+            if let Some(entry) = self.index.get(hash).filter(|e| !e.confirmed) {
+                if given_up.insert(*hash) {
+                    self.pending.remove(&entry.name);
+                }
+            }
+        }
         if let Err(e) = self.index.record_confirmed(&self.republishes.confirmed) {
             // Only costs a second republish of these after a restart.
             debug!("cannot note confirmed republishes: {e}");
         }
         self.republishes.confirmed.clear();
     }
+}
+
+/// What a file of `bytes` takes on disk, as the free space counts it: whole blocks (4 KiB on the usual
+/// filesystems; a little more room than needed on others).
+fn on_disk(bytes: usize) -> u64 {
+    crate::retention::blocks_of(bytes as u64, 4096)
 }
 
 /// The dedup guard: whether a remembered image's file is still there. Size, not content, and that is enough:

@@ -445,7 +445,7 @@ impl Session {
             qos: publish.qos,
             topic: publish.topic,
             payload: publish.payload,
-            at: chrono::Utc::now(),
+            at: crate::clock::now(),
         }))
     }
 

@@ -45,15 +45,19 @@ pub fn status_line(stats: &Stats, broker: &str, now_ms: u64) -> String {
     };
     let disk = if stats.disk_trouble.load(Ordering::Relaxed) {
         "; DISK FAILING, acks held back"
+    } else if stats.space_low.load(Ordering::Relaxed) {
+        "; FREE SPACE BELOW retention.min_free, acks held back"
     } else {
         ""
     };
+    let (images, bytes) = stats.stored_totals();
     format!(
-        "{state} {broker}; stored {}, duplicates {}, rejected {}, republished {}; {last}{disk}",
+        "{state} {broker}; stored {}, duplicates {}, rejected {}, republished {}; {last}; keeping {images} images, {}{disk}",
         get(&stats.stored),
         get(&stats.duplicates),
         get(&stats.rejected),
         get(&stats.republished),
+        crate::config::Size(bytes),
     )
 }
 
@@ -117,14 +121,18 @@ mod tests {
         let stats = Stats::default();
         assert_eq!(
             status_line(&stats, "localhost:1883", 10_000),
-            "connecting to localhost:1883; stored 0, duplicates 0, rejected 0, republished 0; no image yet"
+            "connecting to localhost:1883; stored 0, duplicates 0, rejected 0, republished 0; no image yet; keeping 0 images, 0 bytes"
         );
         stats.connected.store(true, Ordering::Relaxed);
         stats.stored.store(5, Ordering::Relaxed);
         stats.last_image_ms.store(4_000, Ordering::Relaxed);
         stats.disk_trouble.store(true, Ordering::Relaxed);
+        stats.set_kept(1200, 3_400_000_000, 0, 0);
         let line = status_line(&stats, "b:1", 10_000);
         assert!(line.starts_with("connected to b:1; stored 5,"), "{line}");
-        assert!(line.contains("last image 6s ago; DISK FAILING"), "{line}");
+        assert!(
+            line.contains("last image 6s ago; keeping 1200 images, 3.4 GB; DISK FAILING"),
+            "{line}"
+        );
     }
 }

@@ -25,7 +25,7 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
     );
     let topic = example_topic(&config.topics.upload);
     let camera = layout::camera(&config.topics.upload, &topic);
-    let name = config.storage.path.render(chrono::Utc::now(), &camera, 0);
+    let name = config.storage.path.render(crate::clock::now(), &camera, 0);
     println!(
         "an image on '{topic}' now goes to {}",
         config.storage.dir.join(name).display()

@@ -252,7 +252,7 @@ impl Sink {
                             storage::sync_dir(&folder)?;
                             return Ok(dir.join(name));
                         }
-                        Persisted::Taken(t) => temp = t,
+                        Persisted::Taken(t) | Persisted::NoFolder(t) => temp = t,
                     }
                 }
             }

@@ -8,6 +8,7 @@ pub mod load;
 pub mod mosquitto;
 pub mod powercut;
 pub mod scenarios;
+pub mod store;
 
 use std::collections::HashMap;
 use std::fs;
@@ -216,6 +217,21 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// Sets an environment variable for the next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Replaces `key = …` lines of the config file (and adds the keys of `extra` that are not there), for
+    /// the next start.
+    pub fn reconfigure(&self, extra: &str) {
+        let mut config = ImagedConfig::default();
+        config.merge(&fs::read_to_string(&self.config).unwrap());
+        config.merge(&extra.replace("{dir}", &self.dir.display().to_string()));
+        fs::write(&self.config, config.text()).unwrap();
     }
 
     pub fn log(&self) -> String {
