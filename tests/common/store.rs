@@ -50,11 +50,21 @@ pub fn prepare(
     for i in 0..n {
         let at = first + i64::try_from(i).unwrap();
         let name = default_name(at);
-        File::create(images.join(&name))
-            .unwrap()
-            .set_len(size)
-            .unwrap();
-        let hash: [u8; 32] = Sha256::digest(name.as_bytes()).into();
+        let mut file = File::create(images.join(&name)).unwrap();
+        // An image waiting for its republish is checked by content at start-up: it gets bytes of its own (its
+        // name, then zeros) and their real hash. The others are only sized (sparse) and named by a stand-in.
+        let hash: [u8; 32] = if waiting.contains(&i) {
+            file.write_all(name.as_bytes()).unwrap();
+            let zeros = vec![0u8; usize::try_from(size).unwrap() - name.len()];
+            Sha256::new()
+                .chain_update(name.as_bytes())
+                .chain_update(&zeros)
+                .finalize()
+                .into()
+        } else {
+            Sha256::digest(name.as_bytes()).into()
+        };
+        file.set_len(size).unwrap();
         if i + window >= n || waiting.contains(&i) {
             let kind = if waiting.contains(&i) { 'S' } else { 'C' };
             let body = format!("{kind} {} {size} {name}", hex(&hash));
