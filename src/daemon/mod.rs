@@ -145,23 +145,24 @@ async fn serve(config: Config) -> Result<(), Error> {
     prune_requests.abort();
 
     // A thread stuck in the kernel must not keep the process from exiting: nothing unacknowledged is lost.
-    let joined = tokio::task::spawn_blocking(move || pipeline.join());
-    if tokio::time::timeout(Duration::from_secs(5), joined)
-        .await
-        .is_err()
-    {
-        warn!("the storage threads did not stop within 5s; exiting without them");
-    }
+    // The storage and the retention threads stop together, within one deadline, so a stop stays well inside
+    // systemd's TimeoutStopSec even on a disk that answers nothing.
     retention.shutdown();
     let retention_thread = storage.retention_thread;
-    let joined = tokio::task::spawn_blocking(move || retention_thread.join());
-    if tokio::time::timeout(Duration::from_secs(10), joined)
+    let storage_joined = tokio::task::spawn_blocking(move || pipeline.join());
+    let retention_joined = tokio::task::spawn_blocking(move || retention_thread.join());
+    let both = async {
+        let _ = storage_joined.await;
+        let _ = retention_joined.await;
+    };
+    if tokio::time::timeout(Duration::from_secs(5), both)
         .await
         .is_err()
     {
-        warn!("the retention thread did not stop within 10s; exiting without it");
+        warn!("the storage and retention threads did not stop within 5s; exiting without them");
     }
-    drop(storage.lock);
+    // The lock goes with the process: closing its file here would wait on a disk that may answer nothing.
+    std::mem::forget(storage.lock);
     result?;
     info!("Stopped");
     Ok(())
