@@ -288,10 +288,11 @@ fn write_back(file: &File, offset: usize, len: usize) -> io::Result<()> {
     match unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) } {
         0 => Ok(()),
         _ => match io::Error::last_os_error() {
-            // Filesystems without it (some FUSE ones) get their data to the disk at the fdatasync.
+            // Filesystems without it (some FUSE ones), or a system call filter that refuses it, get their data to
+            // the disk at the fdatasync.
             e if matches!(
                 e.raw_os_error(),
-                Some(libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)
+                Some(libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP | libc::EPERM)
             ) =>
             {
                 Ok(())
