@@ -434,6 +434,34 @@ fn counts(stat: &libc::statvfs) -> (u64, u64, u64) {
     )
 }
 
+/// A line of imaged's own logs (the index, the catalog): `body`, its CRC-32 and a newline, so that a torn or
+/// corrupted line is detected, never trusted.
+pub fn checked_line(body: &str) -> String {
+    let crc = crc32fast::hash(body.as_bytes());
+    format!("{body} {crc:08x}\n")
+}
+
+/// The body of a line from [`checked_line`] (without its newline), when its checksum holds.
+pub fn checked_body(line: &[u8]) -> Option<&str> {
+    let line = std::str::from_utf8(line).ok()?;
+    let (body, crc) = line.rsplit_once(' ')?;
+    let matches =
+        crc.len() == 8 && u32::from_str_radix(crc, 16).ok()? == crc32fast::hash(body.as_bytes());
+    matches.then_some(body)
+}
+
+/// A SHA-256 from its lowercase hex, as [`hex`] writes it.
+pub fn parse_hash(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut hash = [0u8; 32];
+    for (i, byte) in hash.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(hash)
+}
+
 /// Lowercase hex of a digest, for names in logs and the index.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;

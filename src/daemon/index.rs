@@ -64,22 +64,15 @@ impl Record {
             }
             Record::Confirmed { hash } => format!("P {}", hex(hash)),
         };
-        let crc = crc32fast::hash(body.as_bytes());
-        format!("{body} {crc:08x}\n")
+        storage::checked_line(&body)
     }
 
     /// Parses one line (without its newline); `None` for anything torn, corrupted or unknown.
     pub fn decode(line: &[u8]) -> Option<Record> {
-        let line = std::str::from_utf8(line).ok()?;
-        let (body, crc) = line.rsplit_once(' ')?;
-        if crc.len() != 8 || u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(body.as_bytes())
-        {
-            return None;
-        }
-        let mut fields = body.split(' ');
+        let mut fields = storage::checked_body(line)?.split(' ');
         let record = match fields.next()? {
             kind @ ("S" | "C") => {
-                let hash = parse_hash(fields.next()?)?;
+                let hash = storage::parse_hash(fields.next()?)?;
                 let size = fields.next()?.parse().ok()?;
                 let name = fields.next()?.to_string();
                 if !storage::is_stored_name(&name) {
@@ -93,23 +86,12 @@ impl Record {
                 }
             }
             "P" => Record::Confirmed {
-                hash: parse_hash(fields.next()?)?,
+                hash: storage::parse_hash(fields.next()?)?,
             },
             _ => return None,
         };
         fields.next().is_none().then_some(record)
     }
-}
-
-fn parse_hash(s: &str) -> Option<Hash> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut hash = [0u8; 32];
-    for (i, byte) in hash.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(hash)
 }
 
 /// What the index knows of one stored image.

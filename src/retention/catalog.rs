@@ -61,24 +61,17 @@ impl Line {
     pub fn encode(&self) -> String {
         let hash = self.hash.map_or_else(|| "-".to_string(), |h| hex(&h));
         let body = format!("{} {} {hash} {}", self.at_ms, self.size, self.name);
-        let crc = crc32fast::hash(body.as_bytes());
-        format!("{body} {crc:08x}\n")
+        storage::checked_line(&body)
     }
 
     /// Parses a line without its newline; `None` for anything torn, corrupted or unsafe.
     pub fn decode(line: &[u8]) -> Option<Line> {
-        let line = std::str::from_utf8(line).ok()?;
-        let (body, crc) = line.rsplit_once(' ')?;
-        if crc.len() != 8 || u32::from_str_radix(crc, 16).ok()? != crc32fast::hash(body.as_bytes())
-        {
-            return None;
-        }
-        let mut fields = body.split(' ');
+        let mut fields = storage::checked_body(line)?.split(' ');
         let at_ms = fields.next()?.parse().ok()?;
         let size = fields.next()?.parse().ok()?;
         let hash = match fields.next()? {
             "-" => None,
-            h => Some(parse_hash(h)?),
+            h => Some(storage::parse_hash(h)?),
         };
         let name = fields.next()?.to_string();
         if fields.next().is_some() || !storage::is_stored_name(&name) {
@@ -91,17 +84,6 @@ impl Line {
             name,
         })
     }
-}
-
-fn parse_hash(s: &str) -> Option<Hash> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut hash = [0u8; 32];
-    for (i, byte) in hash.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(hash)
 }
 
 /// A place in the catalog: a segment and a byte offset in it.
