@@ -12,6 +12,7 @@
 //!    │                   │  └──Settled──────────────────┤ committer: dedup, index fsync, rename, dir fsync
 //!    └──PUBACK───────────┘  └──Republish────────────────┘        (in arrival order, one group at a time)
 //!    └──PUBLISH image/stored ◀─ session ──PUBACK──▶ committer: outbox entry done (daemon::index)
+//!    └──PUBLISH event, status, stats, discovery ◀─ session (daemon::consumers, daemon::status)
 //! ```
 //!
 //! # Modules
@@ -19,8 +20,11 @@
 //! The parts, each a folder:
 //! * [`daemon`]: the service. `session` owns the broker connection; `pipeline` writes and settles uploads
 //!   (writer threads and one committer); `index` is the append-only log that is both the dedup index and
-//!   the republish outbox; `retention` is the thread that deletes the oldest images; `health` and
-//!   `systemd` are signs of life, counters, READY, STATUS and the watchdog; `shutdown` is the stop signal.
+//!   the outbox of republishes and image events; `consumers` decides what is published per stored image
+//!   (its per-camera topic, retain, the event); `status` is online/offline, the last will, the stats and
+//!   the cameras seen, and `homeassistant` their discovery messages; `retention` is the thread that deletes
+//!   the oldest images; `health` and `systemd` are signs of life, counters, READY, STATUS and the watchdog;
+//!   `shutdown` is the stop signal.
 //! * [`mqtt`]: client code shared by the daemon and the tools: connect options, credentials, TLS, the event
 //!   loop as a backing-off stream, the [`mqtt::PublishWindow`], connection errors in words, and the check of
 //!   a local Mosquitto's settings.

@@ -36,8 +36,9 @@ use tempfile::TempPath;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
+use super::consumers::{self, ImagePublishes};
 use super::health::{Beat, Health, Stats};
-use super::index::{Hash, Index};
+use super::index::{Hash, Index, NewImage, Origin};
 use super::retention::{self, Pending};
 use crate::backoff::Backoff;
 use crate::config::FreeSpace;
@@ -72,7 +73,7 @@ pub enum Inbox {
         bytes: usize,
         result: Result<TempPath, PathError>,
     },
-    /// The broker acknowledged the republish of this image.
+    /// The broker acknowledged one publish of this image (its republish or its event).
     Confirmed(Hash),
     /// These republishes were lost with the broker session and must be sent again.
     Lost(Vec<(Hash, String)>),
@@ -89,12 +90,16 @@ pub enum Outcome {
         qos: QoS,
         bytes: usize,
     },
-    /// Publish this stored image on the stored topic.
+    /// Publish this stored image on its stored topic, and its event. Each publish's PUBACK comes back as
+    /// [`Inbox::Confirmed`].
     Republish {
         hash: Hash,
         name: String,
         payload: Bytes,
+        publishes: ImagePublishes,
     },
+    /// A new image of `camera`, received at `at_ms` (Unix ms), is stored: for the status and Home Assistant.
+    Stored { camera: String, at_ms: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +118,10 @@ pub struct Settings {
     /// Free space to keep on the storage filesystem (`None`: none); `retention.max_size` (0: none).
     pub min_free: Option<FreeSpace>,
     pub max_size: u64,
+    /// `storage.accept_base64`.
+    pub accept_base64: bool,
+    /// What is published for each stored image.
+    pub consumers: consumers::Settings,
 }
 
 /// What the committer shares with retention.
@@ -310,7 +319,10 @@ struct Slot {
     camera: String,
     topic: String,
     at: DateTime<Utc>,
+    /// The image (decoded, for a base64 upload).
     payload: Bytes,
+    /// What the upload took in the session's read window: its payload as received.
+    received_bytes: usize,
     kind: Kind,
     /// Known once a writer has hashed it.
     hash: Option<Hash>,
@@ -320,6 +332,20 @@ struct Slot {
 }
 
 impl Slot {
+    /// The index record of this upload stored as `name`.
+    fn new_image(&self, hash: Hash, name: String) -> NewImage {
+        NewImage {
+            hash,
+            size: self.payload.len() as u64,
+            name,
+            origin: Some(Origin {
+                at_ms: u64::try_from(self.at.timestamp_millis()).unwrap_or(0),
+                camera: self.camera.clone(),
+                topic: self.topic.clone(),
+            }),
+        }
+    }
+
     /// Whether the commit can take it: written and, for a new image, recorded. A duplicate need not wait
     /// for its own copy, which is removed when its writer is done.
     fn ready(&self) -> bool {
@@ -353,8 +379,9 @@ struct Republishes {
     queue: VecDeque<Republish>,
     /// Bytes of the payloads `queue` holds in memory.
     queued_bytes: usize,
-    /// Handed to the session and not yet confirmed or lost: name and size.
-    outstanding: HashMap<Hash, (String, usize)>,
+    /// Handed to the session and not yet confirmed or lost: size, and how many of its publishes (republish,
+    /// event) the broker has yet to confirm.
+    outstanding: HashMap<Hash, (usize, u8)>,
     outstanding_bytes: usize,
     /// Confirmed by the broker, not yet noted in the index.
     confirmed: Vec<Hash>,
@@ -476,16 +503,24 @@ impl Committer {
                 }
             }
             Inbox::Confirmed(hash) => {
-                if let Some((_, bytes)) = self.republishes.outstanding.remove(&hash) {
-                    self.republishes.outstanding_bytes -= bytes;
+                // The entry is done once every publish of it is confirmed.
+                if let Some((bytes, left)) = self.republishes.outstanding.get_mut(&hash) {
+                    *left = left.saturating_sub(1);
+                    if *left > 0 {
+                        return false;
+                    }
+                    self.republishes.outstanding_bytes -= *bytes;
+                    self.republishes.outstanding.remove(&hash);
                 }
                 self.republishes.confirmed.push(hash);
             }
             Inbox::Lost(lost) => {
+                // All publishes of an image go out again, also one already confirmed: one outbox entry.
                 for (hash, name) in lost.into_iter().rev() {
-                    if let Some((_, bytes)) = self.republishes.outstanding.remove(&hash) {
-                        self.republishes.outstanding_bytes -= bytes;
-                    }
+                    let Some((bytes, _)) = self.republishes.outstanding.remove(&hash) else {
+                        continue; // its other publish was lost too
+                    };
+                    self.republishes.outstanding_bytes -= bytes;
                     self.republishes.queue.push_front(Republish {
                         hash,
                         name,
@@ -498,11 +533,25 @@ impl Committer {
         false
     }
 
-    fn accept(&mut self, upload: Upload) {
-        let kind = match storage::check_image(&upload.payload, self.settings.max_image_bytes) {
-            Ok(()) => Kind::Image,
-            Err(why @ Rejection::TooLarge { .. }) => Kind::Refused(why),
-            Err(why) => Kind::Quarantine(why),
+    fn accept(&mut self, mut upload: Upload) {
+        let received_bytes = upload.payload.len();
+        let max = self.settings.max_image_bytes;
+        let decoded = if self.settings.accept_base64 {
+            storage::decode_base64_image(&upload.payload, max)
+        } else {
+            Ok(None)
+        };
+        let kind = match decoded {
+            Ok(Some(jpeg)) => {
+                upload.payload = Bytes::from(jpeg);
+                Kind::Image
+            }
+            Ok(None) => match storage::check_image(&upload.payload, max) {
+                Ok(()) => Kind::Image,
+                Err(why @ Rejection::TooLarge { .. }) => Kind::Refused(why),
+                Err(why) => Kind::Quarantine(why),
+            },
+            Err(why) => Kind::Refused(why),
         };
         let slot = Slot {
             gen: upload.gen,
@@ -512,6 +561,7 @@ impl Committer {
             topic: upload.topic,
             at: upload.at,
             payload: upload.payload,
+            received_bytes,
             kind,
             hash: None,
             bytes: Stage::Held,
@@ -673,7 +723,7 @@ impl Committer {
 
     /// Makes the index records of decided but unrecorded names durable.
     fn record(&mut self) -> Result<(), PathError> {
-        let records: Vec<(Hash, u64, String)> = self
+        let records: Vec<NewImage> = self
             .slots
             .values()
             .filter_map(|slot| match (&slot.decision, slot.hash) {
@@ -683,7 +733,7 @@ impl Committer {
                         recorded: false,
                     }),
                     Some(hash),
-                ) => Some((hash, slot.payload.len() as u64, name.clone())),
+                ) => Some(slot.new_image(hash, name.clone())),
                 _ => None,
             })
             .collect();
@@ -693,8 +743,8 @@ impl Committer {
         self.index.record_stored(&records)?;
         // Before the name can exist on disk (its rename comes later): retention never sees it unprotected.
         // Not before the record: a record that failed is made again, and would count the name twice.
-        for (_, _, name) in &records {
-            self.pending.insert(name);
+        for image in &records {
+            self.pending.insert(&image.name);
         }
         for slot in self.slots.values_mut() {
             if let Some(Decision::Store { recorded, .. }) = &mut slot.decision {
@@ -811,11 +861,8 @@ impl Committer {
                         let old = name;
                         let name = self.names.next(slot.at, &slot.camera);
                         // Like the first name's, the new name's record is durable before its rename.
-                        self.index.record_stored(&[(
-                            hash,
-                            slot.payload.len() as u64,
-                            name.clone(),
-                        )])?;
+                        self.index
+                            .record_stored(&[slot.new_image(hash, name.clone())])?;
                         self.deciding.insert(hash);
                         self.pending.insert(&name);
                         self.pending.remove(&old);
@@ -847,6 +894,10 @@ impl Committer {
                 stats
                     .last_image_ms
                     .store(super::systemd::unix_ms(), Ordering::Relaxed);
+                let _ = self.outcomes.send(Outcome::Stored {
+                    camera: slot.camera.clone(),
+                    at_ms: u64::try_from(slot.at.timestamp_millis()).unwrap_or(0),
+                });
                 // Queued and outstanding republishes share one memory budget; beyond it, the outbox on disk.
                 let fits =
                     self.republishes.queued_bytes + self.republishes.outstanding_bytes + bytes
@@ -892,7 +943,7 @@ impl Committer {
             gen: slot.gen,
             pkid: slot.pkid,
             qos: slot.qos,
-            bytes,
+            bytes: slot.received_bytes,
         });
     }
 
@@ -929,14 +980,24 @@ impl Committer {
                     }
                 }
             };
+            let entry = self.index.get(&item.hash);
+            let publishes = consumers::publishes(
+                &self.settings.consumers,
+                &item.hash,
+                &item.name,
+                payload.len() as u64,
+                entry.and_then(|e| e.origin.as_ref()),
+            );
+            let count = if publishes.event.is_some() { 2 } else { 1 };
             self.republishes.outstanding_bytes += payload.len();
             self.republishes
                 .outstanding
-                .insert(item.hash, (item.name.clone(), payload.len()));
+                .insert(item.hash, (payload.len(), count));
             let _ = self.outcomes.send(Outcome::Republish {
                 hash: item.hash,
                 name: item.name,
                 payload,
+                publishes,
             });
         }
     }

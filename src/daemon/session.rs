@@ -14,7 +14,9 @@
 //!   request order; those a lost broker session dropped go back to the pipeline to be sent again;
 //! * it stops reading from the broker while `limits.inflight_*` uploads are unsettled, which bounds memory,
 //!   and meanwhile keeps the connection alive with pings that read nothing ([`mqtt::events_holding`]);
-//! * reconnects back off with jitter, and each episode of trouble is logged once, in words.
+//! * reconnects back off with jitter, and each episode of trouble is logged once, in words;
+//! * what it says about imaged ([`Status`]: online, stats, Home Assistant's discovery) goes out through the
+//!   same publish window as the republishes, ahead of them, so every `Outgoing::Publish` names its publish.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -26,7 +28,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use rumqttc::{
     AsyncClient, ConnAck, ConnectionError, Event, EventLoop, Incoming, Outgoing, Publish, QoS,
-    SubAck, SubscribeReasonCode,
+    SubAck, SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, error, info, warn};
@@ -34,6 +36,7 @@ use tracing::{debug, error, info, warn};
 use super::health::{Beat, Health, Stats};
 use super::index::Hash;
 use super::pipeline::{Inbox, Outcome, Upload};
+use super::status::{self, Status};
 use crate::mqtt::{self, Numbered, PublishWindow};
 use crate::storage;
 
@@ -48,7 +51,10 @@ pub struct Settings {
     /// `host:port`, for log lines.
     pub broker: String,
     pub upload: String,
+    /// `topics.stored`, for log lines.
     pub stored: String,
+    /// Status, stats and Home Assistant.
+    pub status: status::Settings,
     pub max_images: usize,
     pub max_bytes: usize,
     /// Republishes in flight at once (see [`mqtt::window`]).
@@ -82,10 +88,28 @@ pub fn ack_allowed(upload_gen: u64, current_gen: u64, connected: bool) -> bool {
     connected && upload_gen == current_gen
 }
 
-struct Republish {
-    hash: Hash,
-    name: String,
+/// What a publish in the window is, for its PUBACK.
+#[derive(Debug)]
+enum Sent {
+    /// A stored image's republish, on `topic`.
+    Image {
+        hash: Hash,
+        name: String,
+        topic: String,
+    },
+    /// A stored image's event.
+    Event { hash: Hash, name: String },
+    /// What imaged says about itself: not kept when a broker session is lost (it is said again at the next
+    /// subscription).
+    Status,
+}
+
+/// A publish of a stored image waiting for room in the window.
+struct Out {
+    topic: String,
+    retain: bool,
     payload: Bytes,
+    sent: Sent,
 }
 
 /// The connection's state. Only the session's own task touches it; the pipeline hears from it over
@@ -110,10 +134,17 @@ pub struct Session {
     inflight_bytes: usize,
     /// Acks for the current connection that did not fit in the request channel yet.
     acks: VecDeque<(u16, QoS)>,
-    /// Republishes from the pipeline not yet in the request channel.
-    to_send: VecDeque<Republish>,
-    /// Republishes in the request channel or on the wire: (hash, name) until the broker's PUBACK.
-    republishes: PublishWindow<(Hash, String)>,
+    /// Republishes and events from the pipeline not yet in the request channel.
+    to_send: VecDeque<Out>,
+    /// Status messages not yet in the request channel; they go first.
+    announce: VecDeque<status::Message>,
+    status: Status,
+    /// The upload subscription was acknowledged on this connection: status messages may go out.
+    online: bool,
+    /// `offline` was queued for the stop.
+    offline_queued: bool,
+    /// Publishes in the request channel or on the wire, until the broker's PUBACK.
+    republishes: PublishWindow<Sent>,
     need_subscribe: bool,
     /// An old upload filter still in the persistent session, to unsubscribe.
     unsubscribe: Option<String>,
@@ -141,6 +172,10 @@ impl Session {
         Session {
             beat: health.register("MQTT event loop"),
             republishes: PublishWindow::new(settings.republish_window),
+            status: Status::new(settings.status.clone()),
+            announce: VecDeque::new(),
+            online: false,
+            offline_queued: false,
             settings,
             client,
             pipeline,
@@ -205,6 +240,12 @@ impl Session {
                 () = tokio::time::sleep_until(ping_at.into()), if holding => {}
                 _ = tick.tick() => {}
             }
+            if self.online && self.stopping.is_none() {
+                let stats = self
+                    .status
+                    .tick(&self.health.stats, super::systemd::unix_ms());
+                self.announce.extend(stats);
+            }
             self.flush();
             if self.stopping.is_some() && self.stop_done() {
                 let _ = self.pipeline.send(Inbox::Shutdown);
@@ -236,6 +277,7 @@ impl Session {
         );
         // What is not sent yet stays in the outbox and goes out at the next start.
         self.to_send.clear();
+        self.announce.clear();
     }
 
     fn stop_done(&mut self) -> bool {
@@ -258,6 +300,17 @@ impl Session {
         }
         let republished = self.republishes.is_empty();
         if !self.disconnect_sent && (republished || since.elapsed() > STOP_REPUBLISH_GRACE) {
+            // `offline` before the DISCONNECT, which makes the broker drop the will.
+            if !self.offline_queued {
+                self.offline_queued = true;
+                if let Some(offline) = self.status.stopping().filter(|_| self.online) {
+                    self.announce.push_back(offline);
+                    return false;
+                }
+            }
+            if !self.announce.is_empty() {
+                return false;
+            }
             // Queued behind the acks: once it is written, so are they.
             self.disconnect_sent = self.client.try_disconnect().is_ok();
         }
@@ -291,13 +344,34 @@ impl Session {
                 hash,
                 name,
                 payload,
+                publishes,
             } => {
-                if self.stopping.is_none() {
-                    self.to_send.push_back(Republish {
+                if self.stopping.is_some() {
+                    return;
+                }
+                self.to_send.push_back(Out {
+                    topic: publishes.stored_topic.clone(),
+                    retain: publishes.retain,
+                    payload,
+                    sent: Sent::Image {
                         hash,
-                        name,
-                        payload,
+                        name: name.clone(),
+                        topic: publishes.stored_topic,
+                    },
+                });
+                if let Some((topic, event)) = publishes.event {
+                    self.to_send.push_back(Out {
+                        topic,
+                        retain: false,
+                        payload: event,
+                        sent: Sent::Event { hash, name },
                     });
+                }
+            }
+            Outcome::Stored { camera, at_ms } => {
+                let announce = self.status.stored(&camera, at_ms);
+                if self.online {
+                    self.announce.extend(announce);
                 }
             }
         }
@@ -312,18 +386,19 @@ impl Session {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => self.connected(&ack)?,
             Ok(Event::Incoming(Incoming::SubAck(ack))) => self.subscribed(&ack),
             Ok(Event::Incoming(Incoming::Publish(publish))) => self.received(publish)?,
-            Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                let Some((hash, name)) = self.republishes.acked(ack.pkid) else {
-                    debug!(pkid = ack.pkid, "a PUBACK for no republish waiting for one");
-                    return Ok(());
-                };
-                info!(
-                    name = %name, topic = %self.settings.stored,
-                    "Image re-published on topic '{}'", self.settings.stored
-                );
-                Stats::count(&self.health.stats.republished);
-                self.to_pipeline(Inbox::Confirmed(hash))?;
-            }
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => match self.republishes.acked(ack.pkid) {
+                None => debug!(pkid = ack.pkid, "a PUBACK for no publish waiting for one"),
+                Some(Sent::Image { hash, name, topic }) => {
+                    info!(name = %name, topic = %topic, "Image re-published on topic '{topic}'");
+                    Stats::count(&self.health.stats.republished);
+                    self.to_pipeline(Inbox::Confirmed(hash))?;
+                }
+                Some(Sent::Event { hash, name }) => {
+                    debug!(name = %name, "image event published");
+                    self.to_pipeline(Inbox::Confirmed(hash))?;
+                }
+                Some(Sent::Status) => {}
+            },
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => match self.republishes.numbered(pkid) {
                 Numbered::New => {}
                 Numbered::Again => debug!(pkid, "republish sent again"),
@@ -347,6 +422,8 @@ impl Session {
         self.last_ping = Instant::now();
         self.health.stats.connected.store(true, Ordering::Relaxed);
         self.need_subscribe = true;
+        // Said again once subscribed.
+        self.announce.clear();
         let session = if ack.session_present {
             "session resumed"
         } else {
@@ -361,7 +438,17 @@ impl Session {
         self.last_problem = None;
         if !ack.session_present {
             // rumqttc dropped the republishes it still had; send them again.
-            let lost = self.republishes.take_all();
+            let lost: Vec<(Hash, String)> = self
+                .republishes
+                .take_all()
+                .into_iter()
+                .filter_map(|sent| match sent {
+                    Sent::Image { hash, name, .. } | Sent::Event { hash, name } => {
+                        Some((hash, name))
+                    }
+                    Sent::Status => None,
+                })
+                .collect();
             if !lost.is_empty() {
                 debug!(
                     "{} republishes lost with the broker session; sending them again",
@@ -374,11 +461,16 @@ impl Session {
     }
 
     fn subscribed(&mut self, ack: &SubAck) {
-        if ack
-            .return_codes
-            .iter()
-            .any(|c| matches!(c, SubscribeReasonCode::Failure))
-        {
+        let refused =
+            |i: usize| matches!(ack.return_codes.get(i), Some(SubscribeReasonCode::Failure));
+        if refused(1) {
+            warn!(
+                "The broker {} refused the subscription to '{}': discovery is not sent again when Home Assistant restarts",
+                self.settings.broker,
+                self.status.birth_topic().unwrap_or_default()
+            );
+        }
+        if refused(0) {
             error!(
                 "The broker {} refused the subscription to '{}': check its ACL for this user; trying again in 30s",
                 self.settings.broker, self.settings.upload
@@ -392,11 +484,18 @@ impl Session {
             );
             self.remember_subscription();
         }
+        if !refused(0) {
+            self.online = true;
+            let now = super::systemd::unix_ms();
+            let announce = self.status.ready(&self.health.stats, now);
+            self.announce.extend(announce);
+        }
     }
 
     fn connection_lost(&mut self, e: &ConnectionError, retry: Option<Duration>) {
         let was_connected = self.connected;
         self.connected = false;
+        self.online = false;
         self.health.stats.connected.store(false, Ordering::Relaxed);
         self.gen += 1;
         self.acks.clear();
@@ -423,6 +522,10 @@ impl Session {
     }
 
     fn received(&mut self, publish: Publish) -> Result<(), PipelineStopped> {
+        if !crate::topic::topic_matches(&self.settings.upload, &publish.topic) {
+            self.not_an_upload(&publish);
+            return Ok(());
+        }
         if self.stopping.is_some() {
             debug!(
                 pkid = publish.pkid,
@@ -447,6 +550,26 @@ impl Session {
             payload: publish.payload,
             at: crate::clock::now(),
         }))
+    }
+
+    /// A message on another subscription: Home Assistant's birth message, or one of a subscription an
+    /// earlier configuration left in the persistent session.
+    fn not_an_upload(&mut self, publish: &Publish) {
+        if self.status.birth_topic().as_deref() == Some(publish.topic.as_str()) {
+            if self.online && self.stopping.is_none() {
+                let now = super::systemd::unix_ms();
+                let announce = self.status.birth(&publish.payload, &self.health.stats, now);
+                if !announce.is_empty() {
+                    info!("Home Assistant is online: sending its discovery again");
+                }
+                self.announce.extend(announce);
+            }
+        } else {
+            debug!(topic = %crate::topic::topic_for_log(&publish.topic), "not an upload topic; ignored");
+        }
+        if publish.qos != QoS::AtMostOnce {
+            self.acks.push_back((publish.pkid, publish.qos));
+        }
     }
 
     /// For the watchdog: how many uploads wait for the pipeline.
@@ -481,13 +604,18 @@ impl Session {
                 self.unsubscribe = None;
             }
         }
-        if self.need_subscribe
-            && self
-                .client
-                .try_subscribe(self.settings.upload.clone(), QoS::AtLeastOnce)
-                .is_ok()
-        {
-            self.need_subscribe = false;
+        if self.need_subscribe {
+            let mut filters = vec![SubscribeFilter::new(
+                self.settings.upload.clone(),
+                QoS::AtLeastOnce,
+            )];
+            // Home Assistant's birth message, at QoS 0: nothing to acknowledge, nothing stored.
+            if let Some(birth) = self.status.birth_topic() {
+                filters.push(SubscribeFilter::new(birth, QoS::AtMostOnce));
+            }
+            if self.client.try_subscribe_many(filters).is_ok() {
+                self.need_subscribe = false;
+            }
         }
         while let Some(&(pkid, qos)) = self.acks.front() {
             let mut publish = Publish::new("", qos, Vec::new());
@@ -497,22 +625,39 @@ impl Session {
             }
             self.acks.pop_front();
         }
-        while let Some(Republish {
-            hash,
-            name,
-            payload,
-        }) = self.to_send.pop_front()
-        {
-            let publish = payload.clone();
-            let stored = &self.settings.stored;
-            if let Err((hash, name)) =
-                self.republishes
-                    .try_publish(&self.client, stored, false, publish, (hash, name))
-            {
-                self.to_send.push_front(Republish {
-                    hash,
-                    name,
+        while let Some(message) = self.announce.pop_front() {
+            let payload = message.payload.clone();
+            if self
+                .republishes
+                .try_publish(
+                    &self.client,
+                    &message.topic,
+                    message.retain,
                     payload,
+                    Sent::Status,
+                )
+                .is_err()
+            {
+                self.announce.push_front(message);
+                return;
+            }
+        }
+        while let Some(out) = self.to_send.pop_front() {
+            let Out {
+                topic,
+                retain,
+                payload,
+                sent,
+            } = out;
+            if let Err(sent) =
+                self.republishes
+                    .try_publish(&self.client, &topic, retain, payload.clone(), sent)
+            {
+                self.to_send.push_front(Out {
+                    topic,
+                    retain,
+                    payload,
+                    sent,
                 });
                 break;
             }

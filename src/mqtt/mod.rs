@@ -12,6 +12,6 @@ mod window;
 
 pub use describe::describe;
 pub use local_broker::local_broker_warnings;
-pub use options::{connect, packet_id_space, window, Role, MAX_WINDOW};
+pub use options::{connect, packet_id_space, window, Role, Will, MAX_WINDOW};
 pub use poller::{after_failure, events, events_holding, oversized, Events, Holding, Polled};
 pub use window::{Numbered, PublishWindow};

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, EventLoop, MqttOptions, TlsConfiguration, Transport};
+use rumqttc::{AsyncClient, EventLoop, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 
 use super::credentials::password;
 use super::tls::tls_config;
@@ -20,14 +20,26 @@ pub enum Role {
     Receiver { persistent: bool },
 }
 
+/// A last will: published by the broker, retained at QoS 1, when the connection ends without a DISCONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    pub topic: String,
+    pub payload: String,
+}
+
 /// Builds a client and its event loop for `broker`. `max_packet` bounds packets both ways.
 pub fn connect(
     broker: &Broker,
     client_id: &str,
     max_packet: usize,
     role: Role,
+    will: Option<&Will>,
 ) -> Result<(AsyncClient, EventLoop), KeyError> {
     let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    if let Some(will) = will {
+        let payload = will.payload.as_bytes();
+        options.set_last_will(LastWill::new(&will.topic, payload, QoS::AtLeastOnce, true));
+    }
     options.set_keep_alive(Duration::from_secs(broker.keep_alive_secs));
     options.set_max_packet_size(max_packet, max_packet);
     match role {
