@@ -59,7 +59,8 @@ pub struct Settings {
     /// reading ([`ping_due`]).
     pub keep_alive: Duration,
     /// Where the upload filter of the persistent session is remembered, so that a changed `topics.upload`
-    /// also unsubscribes the old filter (the broker keeps it in the session otherwise).
+    /// also unsubscribes the old filter (the broker keeps it in the session otherwise). That it exists says
+    /// imaged had a session, for the warning about a broker that forgot it ([`broker_forgot`]).
     pub subscription_file: PathBuf,
 }
 
@@ -69,6 +70,16 @@ pub fn stale_filter(remembered: Option<&str>, configured: &str) -> Option<String
         .map(str::trim)
         .filter(|r| !r.is_empty() && *r != configured)
         .map(str::to_string)
+}
+
+/// Whether a ConnAck with `session_present` begins an episode of a broker that forgot imaged, to warn about
+/// once, and whether the episode goes on. `had_session`: imaged subscribed in a persistent session before,
+/// in this run or an earlier one. The episode ends at a connection that finds the session again, so a
+/// broker that keeps no session at all, or one restarted again meanwhile, is not warned about at every
+/// reconnect.
+pub fn broker_forgot(had_session: bool, session_present: bool, in_episode: bool) -> (bool, bool) {
+    let forgot = had_session && !session_present;
+    (forgot && !in_episode, forgot)
 }
 
 /// Whether to ping now while reading is held back: half a keep-alive after the last ping, so that the broker,
@@ -119,6 +130,10 @@ pub struct Session {
     unsubscribe: Option<String>,
     /// When to try a refused subscription again.
     resubscribe_at: Option<Instant>,
+    /// imaged subscribed in a persistent session before (the remembered subscription says so across restarts).
+    had_session: bool,
+    /// In an episode of connections that found no session although imaged had one ([`broker_forgot`]).
+    forgotten: bool,
     /// The first subscription was acknowledged.
     ready: bool,
     /// The words of the last connection problem logged, so one cause makes one line.
@@ -157,6 +172,8 @@ impl Session {
             need_subscribe: false,
             unsubscribe,
             resubscribe_at: None,
+            had_session: remembered.is_some(),
+            forgotten: false,
             ready: false,
             last_problem: None,
             stopping: None,
@@ -353,6 +370,19 @@ impl Session {
             "new session"
         };
         info!(broker = %self.settings.broker, "Connected to {} ({session})", self.settings.broker);
+        let (warn_now, forgotten) =
+            broker_forgot(self.had_session, ack.session_present, self.forgotten);
+        self.forgotten = forgotten;
+        if warn_now {
+            warn!(
+                "The broker {} has no session for imaged although it had one: uploads published while imaged \
+                 was away may have been dropped by the broker (it restarted without persistence, the session \
+                 expired, or it keeps none). To keep them, configure the broker to keep sessions: \
+                 `persistence true` in mosquitto.conf (and a persistent_client_expiration longer than imaged \
+                 may be away), or broker.session_expiry with MQTT 5",
+                self.settings.broker
+            );
+        }
         let (unnumbered, on_wire) = self.republishes.stages();
         debug!(
             "republishes: {unnumbered} waiting for a packet id, {on_wire} for their PUBACK, {} not sent yet",
@@ -386,6 +416,7 @@ impl Session {
             self.resubscribe_at = Some(Instant::now() + Duration::from_secs(30));
         } else if !self.ready {
             self.ready = true;
+            self.had_session = true;
             info!(
                 "Ready: subscribed to '{}', republishing on '{}'",
                 self.settings.upload, self.settings.stored
@@ -538,6 +569,21 @@ mod tests {
             stale_filter(Some("cams/#"), "image/upload").as_deref(),
             Some("cams/#")
         );
+    }
+
+    #[test]
+    fn a_broker_that_forgot_imaged_is_warned_about_once_until_a_connection_finds_the_session_again()
+    {
+        // A first start: no session before, nothing forgotten.
+        assert_eq!(broker_forgot(false, false, false), (false, false));
+        // Resumed, as it should be.
+        assert_eq!(broker_forgot(true, true, false), (false, false));
+        // The broker restarted without persistence: one warning, and an episode begins.
+        assert_eq!(broker_forgot(true, false, false), (true, true));
+        // Further connections without a session are the same episode.
+        assert_eq!(broker_forgot(true, false, true), (false, true));
+        // A connection that finds the session ends it.
+        assert_eq!(broker_forgot(true, true, true), (false, false));
     }
 
     #[test]
