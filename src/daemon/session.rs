@@ -64,6 +64,13 @@ pub struct Settings {
     pub subscription_file: PathBuf,
 }
 
+/// What a reload changes in the session.
+#[derive(Debug)]
+pub struct Reload {
+    pub upload: String,
+    pub stored: String,
+}
+
 /// The filter to unsubscribe: the one remembered from an earlier run, when it is not the configured one.
 pub fn stale_filter(remembered: Option<&str>, configured: &str) -> Option<String> {
     remembered
@@ -126,8 +133,13 @@ pub struct Session {
     /// Republishes in the request channel or on the wire: (hash, name) until the broker's PUBACK.
     republishes: PublishWindow<(Hash, String)>,
     need_subscribe: bool,
-    /// An old upload filter still in the persistent session, to unsubscribe.
-    unsubscribe: Option<String>,
+    /// The broker acknowledged a subscription on this connection since the filter last changed.
+    subscribed: bool,
+    /// Old upload filters still in the persistent session, to unsubscribe once the current one is
+    /// subscribed (so that nothing published meanwhile matches neither).
+    unsubscribe: Vec<String>,
+    /// The upload filter in the subscription file.
+    remembered: Option<String>,
     /// When to try a refused subscription again.
     resubscribe_at: Option<Instant>,
     /// imaged subscribed in a persistent session before (the remembered subscription says so across restarts).
@@ -152,7 +164,9 @@ impl Session {
         health: Arc<Health>,
     ) -> Session {
         let remembered = std::fs::read_to_string(&settings.subscription_file).ok();
-        let unsubscribe = stale_filter(remembered.as_deref(), &settings.upload);
+        let unsubscribe = stale_filter(remembered.as_deref(), &settings.upload)
+            .into_iter()
+            .collect();
         Session {
             beat: health.register("MQTT event loop"),
             republishes: PublishWindow::new(settings.republish_window),
@@ -170,9 +184,11 @@ impl Session {
             acks: VecDeque::new(),
             to_send: VecDeque::new(),
             need_subscribe: false,
+            subscribed: false,
             unsubscribe,
             resubscribe_at: None,
             had_session: remembered.is_some(),
+            remembered,
             forgotten: false,
             ready: false,
             last_problem: None,
@@ -188,6 +204,7 @@ impl Session {
         mut self,
         eventloop: EventLoop,
         mut outcomes: UnboundedReceiver<Outcome>,
+        mut reloads: UnboundedReceiver<Reload>,
         shutdown: impl std::future::Future<Output = ()>,
         on_ready: impl FnOnce(),
     ) -> Result<(), PipelineStopped> {
@@ -211,6 +228,7 @@ impl Session {
                     Some(outcome) => self.outcome(outcome),
                     None => return Err(PipelineStopped),
                 },
+                Some(reload) = reloads.recv() => self.reload(reload),
                 Some((event, retry)) = events.next(), if poll => {
                     self.event(event, retry)?;
                     if self.ready {
@@ -242,6 +260,19 @@ impl Session {
     /// more uploads (up to nine a time) into memory that the window says is used up; a ping reads nothing.
     fn holding_back(&self) -> bool {
         !self.admitting() && self.connected && !self.disconnect_sent
+    }
+
+    /// Republishes from now on go to the new stored topic; a new upload filter is subscribed, and the old
+    /// one unsubscribed after it. Uploads in flight are settled and acknowledged as before.
+    fn reload(&mut self, reload: Reload) {
+        self.settings.stored = reload.stored;
+        if reload.upload != self.settings.upload {
+            let old = std::mem::replace(&mut self.settings.upload, reload.upload);
+            self.unsubscribe.retain(|f| *f != self.settings.upload);
+            self.unsubscribe.push(old);
+            self.need_subscribe = true;
+            self.subscribed = false;
+        }
     }
 
     fn stop(&mut self) {
@@ -364,6 +395,7 @@ impl Session {
         self.last_ping = Instant::now();
         self.health.stats.connected.store(true, Ordering::Relaxed);
         self.need_subscribe = true;
+        self.subscribed = false;
         let session = if ack.session_present {
             "session resumed"
         } else {
@@ -414,13 +446,18 @@ impl Session {
                 self.settings.broker, self.settings.upload
             );
             self.resubscribe_at = Some(Instant::now() + Duration::from_secs(30));
-        } else if !self.ready {
-            self.ready = true;
-            self.had_session = true;
-            info!(
-                "Ready: subscribed to '{}', republishing on '{}'",
-                self.settings.upload, self.settings.stored
-            );
+        } else {
+            self.subscribed = true;
+            if !self.ready {
+                self.ready = true;
+                self.had_session = true;
+                info!(
+                    "Ready: subscribed to '{}', republishing on '{}'",
+                    self.settings.upload, self.settings.stored
+                );
+            } else if self.remembered.as_deref() != Some(self.settings.upload.as_str()) {
+                info!("Subscribed to '{}'", self.settings.upload);
+            }
             self.remember_subscription();
         }
     }
@@ -490,10 +527,16 @@ impl Session {
         self.pipeline.send(msg).map_err(|_| PipelineStopped)
     }
 
-    fn remember_subscription(&self) {
+    fn remember_subscription(&mut self) {
+        if self.remembered.as_deref() == Some(self.settings.upload.as_str()) {
+            return;
+        }
         let file = &self.settings.subscription_file;
-        if let Err(e) = storage::replace_file(file, self.settings.upload.as_bytes(), 0o600) {
-            warn!("{e}; a later change of topics.upload will not unsubscribe this filter");
+        match storage::replace_file(file, self.settings.upload.as_bytes(), 0o600) {
+            Ok(()) => self.remembered = Some(self.settings.upload.clone()),
+            Err(e) => {
+                warn!("{e}; a later change of topics.upload will not unsubscribe this filter");
+            }
         }
     }
 
@@ -506,12 +549,6 @@ impl Session {
             self.resubscribe_at = None;
             self.need_subscribe = true;
         }
-        if let Some(old) = &self.unsubscribe {
-            if self.client.try_unsubscribe(old.clone()).is_ok() {
-                info!("Unsubscribing from '{old}', the upload filter of an earlier configuration");
-                self.unsubscribe = None;
-            }
-        }
         if self.need_subscribe
             && self
                 .client
@@ -519,6 +556,18 @@ impl Session {
                 .is_ok()
         {
             self.need_subscribe = false;
+        }
+        // The broker takes requests in order: queued behind the new subscription, an unsubscription of the
+        // old filter cannot leave a moment without either.
+        while self.subscribed && !self.need_subscribe {
+            let Some(old) = self.unsubscribe.last() else {
+                break;
+            };
+            if self.client.try_unsubscribe(old.clone()).is_err() {
+                break;
+            }
+            info!("Unsubscribing from '{old}', the upload filter of an earlier configuration");
+            self.unsubscribe.pop();
         }
         while let Some(&(pkid, qos)) = self.acks.front() {
             let mut publish = Publish::new("", qos, Vec::new());
