@@ -414,6 +414,28 @@ fn a_broker_restarted_without_persistence_is_warned_about_once_per_episode_and_a
 }
 
 #[test]
+fn another_client_id_is_a_new_session_not_a_forgotten_one_and_an_older_state_folder_still_counts() {
+    let mut broker = Broker::start();
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+    assert!(daemon.terminate().success());
+    daemon.reconfigure("[broker]\nclient_id = \"imaged-another\"\n");
+    daemon.spawn();
+    daemon.wait_ready_n(2);
+    assert_eq!(daemon.log_count(FORGOT), 0, "{}", daemon.log());
+    assert!(daemon.terminate().success());
+
+    // An older version remembered only the subscription: the broker forgetting it is still noticed.
+    let state = daemon.images.join(".imaged");
+    assert!(state.join("subscription").exists());
+    std::fs::remove_file(state.join("session")).unwrap();
+    broker.restart();
+    daemon.spawn();
+    daemon.wait_ready_n(3);
+    assert_eq!(daemon.log_count(FORGOT), 1, "{}", daemon.log());
+}
+
+#[test]
 fn a_broker_restarted_with_persistence_kept_the_session_and_is_not_warned_about() {
     let mut broker = Broker::persistent();
     let mut daemon = Daemon::start(&broker);

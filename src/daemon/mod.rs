@@ -108,13 +108,7 @@ async fn serve(config: Config, level: crate::logging::Level) -> Result<(), Error
     for warning in mqtt::local_broker_warnings(&config.broker.host, config.broker.port) {
         warn!("{warning}");
     }
-    if crate::clock::offset_secs() != 0 {
-        warn!(
-            "The clock is offset by {}s ({}): for tests only",
-            crate::clock::offset_secs(),
-            crate::clock::OFFSET_ENV
-        );
-    }
+    warn_of_a_test_clock();
     let health = Arc::new(Health::default());
     let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
     let storage = start_storage(&config, usize::from(inflight), outcomes_tx, &health)?;
@@ -130,6 +124,7 @@ async fn serve(config: Config, level: crate::logging::Level) -> Result<(), Error
             max_packet: config.max_packet_bytes(),
             keep_alive: Duration::from_secs(config.broker.keep_alive_secs),
             subscription_file: config.state_dir().join("subscription"),
+            identity: format!("{}@{broker_name}", config.client_id()),
         },
         client,
         pipeline.inbox.clone(),
@@ -178,6 +173,16 @@ async fn serve(config: Config, level: crate::logging::Level) -> Result<(), Error
     result?;
     info!("Stopped");
     Ok(())
+}
+
+fn warn_of_a_test_clock() {
+    if crate::clock::offset_secs() != 0 {
+        warn!(
+            "The clock is offset by {}s ({}): for tests only",
+            crate::clock::offset_secs(),
+            crate::clock::OFFSET_ENV
+        );
+    }
 }
 
 /// The storage side, running.

@@ -56,9 +56,12 @@ pub struct Settings {
     /// reading ([`ping_due`]).
     pub keep_alive: Duration,
     /// Where the upload filter of the persistent session is remembered, so that a changed `topics.upload`
-    /// also unsubscribes the old filter (the broker keeps it in the session otherwise). That it exists says
-    /// imaged had a session, for the warning about a broker that forgot it ([`broker_forgot`]).
+    /// also unsubscribes the old filter (the broker keeps it in the session otherwise). Beside it, `session`
+    /// names the broker and client id of the session imaged had, for the warning about a broker that forgot
+    /// it ([`broker_forgot`]).
     pub subscription_file: PathBuf,
+    /// `client_id@host:port`: whose session, on which broker.
+    pub identity: String,
 }
 
 /// What a reload changes in the session.
@@ -74,6 +77,16 @@ pub fn stale_filter(remembered: Option<&str>, configured: &str) -> Option<String
         .map(str::trim)
         .filter(|r| !r.is_empty() && *r != configured)
         .map(str::to_string)
+}
+
+/// Whether imaged had a session on this broker under this client id before: as the `session` file remembers
+/// (`remembered`), or, written by a version without it, as a remembered subscription says. Another broker
+/// or client id starts a new session, which is nothing the broker forgot.
+pub fn had_session(remembered: Option<&str>, subscribed_before: bool, identity: &str) -> bool {
+    match remembered {
+        Some(who) => who.trim() == identity,
+        None => subscribed_before,
+    }
 }
 
 /// Whether a ConnAck with `session_present` begins an episode of a broker that forgot imaged, to warn about
@@ -162,8 +175,11 @@ pub struct Session {
     remembered: Option<String>,
     /// When to try a refused subscription again.
     resubscribe_at: Option<Instant>,
-    /// imaged subscribed in a persistent session before (the remembered subscription says so across restarts).
+    /// imaged had a session on this broker under this client id: in this run or, as the `session` file
+    /// says, an earlier one ([`had_session`]).
     had_session: bool,
+    /// The `session` file names this broker and client id.
+    session_remembered: bool,
     /// In an episode of connections that found no session although imaged had one ([`broker_forgot`]).
     forgotten: bool,
     /// The first subscription was acknowledged.
@@ -184,6 +200,13 @@ impl Session {
         health: Arc<Health>,
     ) -> Session {
         let remembered = std::fs::read_to_string(&settings.subscription_file).ok();
+        let identity = std::fs::read_to_string(session_file(&settings)).ok();
+        let had_session = had_session(
+            identity.as_deref(),
+            remembered.is_some(),
+            &settings.identity,
+        );
+        let session_remembered = identity.as_deref().map(str::trim) == Some(&settings.identity);
         let unsubscribe = stale_filter(remembered.as_deref(), &settings.upload)
             .into_iter()
             .collect();
@@ -207,7 +230,8 @@ impl Session {
             subscribed: false,
             unsubscribe,
             resubscribe_at: None,
-            had_session: remembered.is_some(),
+            had_session,
+            session_remembered,
             remembered,
             forgotten: false,
             ready: false,
@@ -472,7 +496,7 @@ impl Session {
             self.subscribed = true;
             if !self.ready {
                 self.ready = true;
-                self.had_session = true;
+                self.remember_session();
                 info!(
                     "Ready: subscribed to '{}', republishing on '{}'",
                     self.settings.upload, self.settings.stored
@@ -553,6 +577,21 @@ impl Session {
         self.pipeline.send(msg).map_err(|_| PipelineStopped)
     }
 
+    /// Notes whose session the broker now keeps, once.
+    fn remember_session(&mut self) {
+        self.had_session = true;
+        if self.session_remembered {
+            return;
+        }
+        let file = session_file(&self.settings);
+        match storage::replace_file(&file, self.settings.identity.as_bytes(), 0o600) {
+            Ok(()) => self.session_remembered = true,
+            Err(e) => warn!(
+                "{e}; if the broker forgets imaged's session while imaged restarts, imaged cannot tell"
+            ),
+        }
+    }
+
     fn remember_subscription(&mut self) {
         if self.remembered.as_deref() == Some(self.settings.upload.as_str()) {
             return;
@@ -630,6 +669,10 @@ impl Session {
     }
 }
 
+fn session_file(settings: &Settings) -> PathBuf {
+    settings.subscription_file.with_file_name("session")
+}
+
 /// The storage pipeline is gone: the daemon cannot go on.
 #[derive(Debug, thiserror::Error)]
 #[error("the storage pipeline stopped")]
@@ -663,6 +706,17 @@ mod tests {
         assert_eq!(broker_forgot(true, false, true), (false, true));
         // A connection that finds the session ends it.
         assert_eq!(broker_forgot(true, true, true), (false, false));
+    }
+
+    #[test]
+    fn a_session_was_had_on_the_same_broker_and_client_id_or_as_an_older_version_remembered_it() {
+        let me = "imaged-1@broker:1883";
+        assert!(had_session(Some("imaged-1@broker:1883\n"), true, me));
+        assert!(!had_session(Some("imaged-1@other:1883"), true, me));
+        assert!(!had_session(Some("imaged-2@broker:1883"), true, me));
+        // Written by a version that remembered only the subscription.
+        assert!(had_session(None, true, me));
+        assert!(!had_session(None, false, me));
     }
 
     #[test]
