@@ -24,15 +24,18 @@
 //!   (its per-camera topic, retain, the event); `status` is online/offline, the last will, the stats and
 //!   the cameras seen, and `homeassistant` their discovery messages; `retention` is the thread that deletes
 //!   the oldest images; `health` and `systemd` are signs of life, counters, READY, STATUS and the watchdog;
-//!   `shutdown` is the stop signal.
-//! * [`mqtt`]: client code shared by the daemon and the tools: connect options, credentials, TLS, the event
+//!   `reload` reads the config again at SIGHUP and hands each part what changed; `shutdown` is the stop
+//!   signal.
+//! * [`mqtt`]: client code shared by the daemon and the tools: one client for MQTT 3.1.1 and 5 (MQTT 5's
+//!   events read as 3.1.1's), connect options, credentials, TLS, the event
 //!   loop as a backing-off stream, the [`mqtt::PublishWindow`], connection errors in words, and the check of
 //!   a local Mosquitto's settings.
 //! * [`tools`]: `imaged send`, `imaged receive`, `imaged check-config`, `imaged prune` and
 //!   `generate-assets`.
 //!
 //! Shared by all of them, at the top:
-//! * [`config`]: the TOML file, its defaults and its validation; errors name the file and `section.key`.
+//! * [`config`]: the TOML file, its defaults and its validation; errors name the file and `section.key`;
+//!   which keys a reload applies at once ([`config::reload`]).
 //! * [`storage`]: names, the JPEG check, the atomic never-replacing durable write, free space; errors name
 //!   the path. [`layout`]: where an image goes.
 //! * [`retention`]: the catalog of stored images, the policy, and the pass that deletes the oldest (the

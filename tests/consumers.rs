@@ -299,9 +299,18 @@ fn a_kill_between_storing_an_image_and_publishing_its_event_loses_no_event() {
 #[test]
 fn a_killed_imaged_is_offline_by_its_last_will_online_again_after_a_restart_and_offline_after_a_clean_stop(
 ) {
+    will_online_and_clean_stop("3.1.1");
+}
+
+#[test]
+fn under_mqtt_5_the_last_will_online_and_offline_work_alike() {
+    will_online_and_clean_stop("5");
+}
+
+fn will_online_and_clean_stop(protocol: &str) {
     let broker = Broker::start();
     let status = Sub::start(broker.port, &[STATUS]);
-    let config = format!("[topics]\nstatus = \"{STATUS}\"\n");
+    let config = format!("[broker]\nprotocol = \"{protocol}\"\n[topics]\nstatus = \"{STATUS}\"\n");
     let mut daemon = Daemon::start_with(broker.port, &config, &[]);
     daemon.wait_ready();
     assert_eq!(status.wait_on(STATUS, 1), ["online"]);

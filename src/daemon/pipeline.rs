@@ -45,6 +45,7 @@ use crate::config::FreeSpace;
 use crate::layout::{self, Template};
 use crate::retention::catalog::{self, Line};
 use crate::storage::{self, hex, Namer, PathError, Persisted, Rejection};
+use crate::topic::topic_matches;
 
 /// An upload as the session hands it over. `gen` names the broker connection it came on.
 #[derive(Debug)]
@@ -77,6 +78,8 @@ pub enum Inbox {
     Confirmed(Hash),
     /// These republishes were lost with the broker session and must be sent again.
     Lost(Vec<(Hash, String)>),
+    /// A reload changed what the committer names images by, or its limits.
+    Reload(Reloadable),
     Shutdown,
 }
 
@@ -97,17 +100,31 @@ pub enum Outcome {
         name: String,
         payload: Bytes,
         publishes: ImagePublishes,
+        /// Its camera and receive time (none for an entry an earlier version left in the outbox).
+        origin: Option<Origin>,
     },
     /// A new image of `camera`, received at `at_ms` (Unix ms), is stored: for the status and Home Assistant.
     Stored { camera: String, at_ms: u64 },
 }
 
+/// The settings a reload changes (see [`crate::config::reload`]).
 #[derive(Debug, Clone)]
-pub struct Settings {
-    pub image_dir: PathBuf,
+pub struct Reloadable {
     /// Where an image goes under `image_dir`, and the upload filter whose wildcards name its camera.
     pub path: Template,
     pub upload_filter: String,
+    /// Free space to keep on the storage filesystem (`None`: none); `retention.max_size` (0: none).
+    pub min_free: Option<FreeSpace>,
+    pub max_size: u64,
+    /// What is published for each stored image.
+    pub consumers: consumers::Settings,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub image_dir: PathBuf,
+    /// Changed by [`Inbox::Reload`] while the committer runs.
+    pub now: Reloadable,
     pub quarantine_dir: PathBuf,
     pub file_mode: u32,
     pub max_image_bytes: usize,
@@ -115,13 +132,8 @@ pub struct Settings {
     /// Bounds on republishes handed to the session and not yet confirmed.
     pub republish_images: usize,
     pub republish_bytes: usize,
-    /// Free space to keep on the storage filesystem (`None`: none); `retention.max_size` (0: none).
-    pub min_free: Option<FreeSpace>,
-    pub max_size: u64,
     /// `storage.accept_base64`.
     pub accept_base64: bool,
-    /// What is published for each stored image.
-    pub consumers: consumers::Settings,
 }
 
 /// What the committer shares with retention.
@@ -172,8 +184,9 @@ impl Pipeline {
             outcomes,
             slots: BTreeMap::new(),
             deciding: HashSet::new(),
-            names: Namer::new(settings.path.clone()),
+            names: Namer::new(settings.now.path.clone()),
             quarantine_names: Namer::quarantine(),
+            old_filter: None,
             dirty: BTreeSet::new(),
             folders: HashSet::new(),
             trouble: None,
@@ -403,6 +416,8 @@ struct Committer {
     deciding: HashSet<Hash>,
     names: Namer,
     quarantine_names: Namer,
+    /// The upload filter before the last reload that changed it, for the cameras of what it still delivers.
+    old_filter: Option<String>,
     /// Folders with renames not fsynced yet.
     dirty: BTreeSet<PathBuf>,
     /// Image folders known to exist, so a burst into one folder does not look it up for every image.
@@ -528,9 +543,29 @@ impl Committer {
                     });
                 }
             }
+            Inbox::Reload(now) => self.reload(now),
             Inbox::Shutdown => return true,
         }
         false
+    }
+
+    fn reload(&mut self, now: Reloadable) {
+        if now.path != self.settings.now.path {
+            self.names = Namer::new(now.path.clone());
+        }
+        if now.upload_filter != self.settings.now.upload_filter {
+            self.old_filter = Some(std::mem::take(&mut self.settings.now.upload_filter));
+        }
+        self.settings.now = now;
+    }
+
+    /// The upload filter `topic` came by: the current one, or the one a reload replaced while it may still
+    /// deliver (its unsubscription waits for the new subscription).
+    fn filter_of(&self, topic: &str) -> &str {
+        match &self.old_filter {
+            Some(old) if !topic_matches(&self.settings.now.upload_filter, topic) => old,
+            _ => &self.settings.now.upload_filter,
+        }
     }
 
     fn accept(&mut self, mut upload: Upload) {
@@ -557,7 +592,7 @@ impl Committer {
             gen: upload.gen,
             pkid: upload.pkid,
             qos: upload.qos,
-            camera: layout::camera(&self.settings.upload_filter, &upload.topic),
+            camera: layout::camera(self.filter_of(&upload.topic), &upload.topic),
             topic: upload.topic,
             at: upload.at,
             payload: upload.payload,
@@ -613,7 +648,7 @@ impl Committer {
     /// Whether `bytes` more can be written and still leave `retention.min_free` free. A filesystem that
     /// cannot tell is no reason to hold: the write itself will say what is wrong.
     fn room_for(&self, bytes: u64) -> bool {
-        let Some(min_free) = self.settings.min_free else {
+        let Some(min_free) = self.settings.now.min_free else {
             return true;
         };
         match storage::space(&self.settings.image_dir) {
@@ -804,7 +839,7 @@ impl Committer {
         let stats = &self.health.stats;
         let counts = self.catalog.counts();
         stats.set_appended(counts.images, counts.bytes);
-        if self.settings.max_size > 0 && stats.stored_totals().1 > self.settings.max_size {
+        if self.settings.now.max_size > 0 && stats.stored_totals().1 > self.settings.now.max_size {
             self.retention.wake();
         }
         Ok(())
@@ -980,13 +1015,13 @@ impl Committer {
                     }
                 }
             };
-            let entry = self.index.get(&item.hash);
+            let origin = self.index.get(&item.hash).and_then(|e| e.origin.clone());
             let publishes = consumers::publishes(
-                &self.settings.consumers,
+                &self.settings.now.consumers,
                 &item.hash,
                 &item.name,
                 payload.len() as u64,
-                entry.and_then(|e| e.origin.as_ref()),
+                origin.as_ref(),
             );
             let count = if publishes.event.is_some() { 2 } else { 1 };
             self.republishes.outstanding_bytes += payload.len();
@@ -998,6 +1033,7 @@ impl Committer {
                 name: item.name,
                 payload,
                 publishes,
+                origin,
             });
         }
     }

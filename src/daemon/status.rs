@@ -227,6 +227,12 @@ impl Status {
         self.ready(stats, now_ms)
     }
 
+    /// A reload changed `topics.stored`: the image entities' topics change with it.
+    pub fn restored(&mut self, stored: &str, stats: &Stats) -> Vec<Message> {
+        stored.clone_into(&mut self.settings.stored);
+        self.ready(stats, super::systemd::unix_ms())
+    }
+
     /// A clean stop: `offline`, before the DISCONNECT (which makes the broker drop the will).
     pub fn stopping(&self) -> Option<Message> {
         let status = self.settings.status.as_ref()?;
