@@ -20,7 +20,8 @@
 //! * [`daemon`]: the service. `session` owns the broker connection; `pipeline` writes and settles uploads
 //!   (writer threads and one committer); `index` is the append-only log that is both the dedup index and
 //!   the republish outbox; `retention` is the thread that deletes the oldest images; `health` and
-//!   `systemd` are signs of life, counters, READY, STATUS and the watchdog; `shutdown` is the stop signal.
+//!   `systemd` are signs of life, counters, READY, STATUS and the watchdog; `reload` reads the config again
+//!   at SIGHUP and hands each part what changed; `shutdown` is the stop signal.
 //! * [`mqtt`]: client code shared by the daemon and the tools: connect options, credentials, TLS, the event
 //!   loop as a backing-off stream, the [`mqtt::PublishWindow`], connection errors in words, and the check of
 //!   a local Mosquitto's settings.
@@ -28,7 +29,8 @@
 //!   `generate-assets`.
 //!
 //! Shared by all of them, at the top:
-//! * [`config`]: the TOML file, its defaults and its validation; errors name the file and `section.key`.
+//! * [`config`]: the TOML file, its defaults and its validation; errors name the file and `section.key`;
+//!   which keys a reload applies at once ([`config::reload`]).
 //! * [`storage`]: names, the JPEG check, the atomic never-replacing durable write, free space; errors name
 //!   the path. [`layout`]: where an image goes.
 //! * [`retention`]: the catalog of stored images, the policy, and the pass that deletes the oldest (the

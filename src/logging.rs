@@ -1,13 +1,14 @@
 //! Where log lines go, for every command: straight to journald with structured fields when stderr is the
 //! journal, readable text on stderr otherwise (colour only on a terminal). And how much: `--log-level` over
-//! `RUST_LOG` over `log.level`.
+//! `RUST_LOG` over `log.level`; a reload changes the level when `log.level` decides it ([`Level`]).
 
 use std::io::IsTerminal;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 
-use tracing::Level;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::prelude::*;
+use tracing_subscriber::{reload, Registry};
 
 use crate::config::LogLevel;
 
@@ -39,30 +40,60 @@ pub fn level(
     }
 }
 
-/// Installs the global subscriber. Call once, before anything logs.
-pub fn init(level: Level) {
-    let filter = tracing_subscriber::filter::LevelFilter::from_level(level);
+/// The running subscriber's level, and what decides it: a reload applies a new `log.level` unless the
+/// command line or `RUST_LOG` set the level.
+pub struct Level {
+    handle: reload::Handle<LevelFilter, Registry>,
+    flag: Option<LogLevel>,
+    rust_log: Option<String>,
+}
+
+impl Level {
+    /// Logs at the level `configured` now makes ([`level`]); returns it.
+    pub fn reload(&self, configured: LogLevel) -> LogLevel {
+        let (now, _) = level(self.flag, self.rust_log.as_deref(), configured);
+        if let Err(e) = self.handle.reload(LevelFilter::from_level(now.0)) {
+            tracing::warn!("cannot change the log level: {e}");
+        }
+        now
+    }
+}
+
+/// Installs the global subscriber at the level [`level`] makes of these, and logs why `RUST_LOG` was
+/// ignored. Call once, before anything logs.
+pub fn init(flag: Option<LogLevel>, rust_log: Option<String>, configured: LogLevel) -> Level {
+    let (now, ignored) = level(flag, rust_log.as_deref(), configured);
+    let (filter, handle) = reload::Layer::new(LevelFilter::from_level(now.0));
     // Only our own crate logs at info; rumqttc's `log` lines are not forwarded.
     let targets = tracing_subscriber::filter::filter_fn(|meta| meta.target().starts_with("imaged"));
-    if stderr_is_journal() {
-        if let Ok(journald) = tracing_journald::layer() {
-            let journald = journald
-                .with_syslog_identifier("imaged".into())
-                .with_field_prefix(None);
-            tracing_subscriber::registry()
-                .with(journald.with_filter(filter).with_filter(targets))
-                .init();
-            return;
-        }
+    let journald = stderr_is_journal()
+        .then(tracing_journald::layer)
+        .and_then(Result::ok);
+    if let Some(journald) = journald {
+        let journald = journald
+            .with_syslog_identifier("imaged".into())
+            .with_field_prefix(None);
+        tracing_subscriber::registry()
+            .with(journald.with_filter(filter).with_filter(targets))
+            .init();
+    } else {
+        let terminal = std::io::stderr().is_terminal();
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(terminal)
+            .with_target(false);
+        tracing_subscriber::registry()
+            .with(fmt.with_filter(filter).with_filter(targets))
+            .init();
     }
-    let terminal = std::io::stderr().is_terminal();
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(terminal)
-        .with_target(false);
-    tracing_subscriber::registry()
-        .with(fmt.with_filter(filter).with_filter(targets))
-        .init();
+    if let Some(why) = ignored {
+        tracing::warn!("{why}");
+    }
+    Level {
+        handle,
+        flag,
+        rust_log,
+    }
 }
 
 /// Whether systemd connected our stderr to the journal: `JOURNAL_STREAM` names stderr's device and inode.
@@ -87,9 +118,9 @@ fn stderr_is_journal() -> bool {
 mod tests {
     use super::*;
 
-    const INFO: LogLevel = LogLevel(Level::INFO);
-    const DEBUG: LogLevel = LogLevel(Level::DEBUG);
-    const WARN: LogLevel = LogLevel(Level::WARN);
+    const INFO: LogLevel = LogLevel(tracing::Level::INFO);
+    const DEBUG: LogLevel = LogLevel(tracing::Level::DEBUG);
+    const WARN: LogLevel = LogLevel(tracing::Level::WARN);
 
     #[test]
     fn the_command_line_beats_rust_log_which_beats_the_config() {

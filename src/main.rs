@@ -18,25 +18,26 @@ fn main() -> ExitCode {
     let required = || Config::load(path.unwrap_or(Path::new(DEFAULT_PATH)));
     let result = match cli.command {
         // The daemon logs its failure, so that the journal has it with its priority.
-        None => start(required(), cli.log_level).and_then(|config| {
-            daemon::run(config).map_err(|e| {
+        None => start(required(), cli.log_level).and_then(|(config, level)| {
+            daemon::run(config, level).map_err(|e| {
                 tracing::error!("{e}");
                 e.exit()
             })
         }),
-        Some(Command::CheckConfig) => start(required(), cli.log_level)
-            .and_then(|config| tools::check_config::run(&config).map_err(|e| config_error(&e))),
+        Some(Command::CheckConfig) => start(required(), cli.log_level).and_then(|(config, _)| {
+            tools::check_config::run(&config).map_err(|e| config_error(&e))
+        }),
         Some(Command::Send(args)) => {
-            start(Config::load_or_defaults(path), cli.log_level).and_then(|config| {
+            start(Config::load_or_defaults(path), cli.log_level).and_then(|(config, _)| {
                 tools::send::run(config, args).map_err(|e| report("imaged send", &e, e.exit()))
             })
         }
         Some(Command::Receive(args)) => start(Config::load_or_defaults(path), cli.log_level)
-            .and_then(|config| {
+            .and_then(|(config, _)| {
                 tools::receive::run(config, &args)
                     .map_err(|e| report("imaged receive", &e, e.exit()))
             }),
-        Some(Command::Prune(args)) => start(required(), cli.log_level).and_then(|config| {
+        Some(Command::Prune(args)) => start(required(), cli.log_level).and_then(|(config, _)| {
             tools::prune::run(&config, &args, daemon::outbox_names)
                 .map_err(|e| report("imaged prune", &e, e.exit()))
         }),
@@ -51,15 +52,13 @@ fn main() -> ExitCode {
 }
 
 /// The config, and logging started at the level the command line, `RUST_LOG` or the config ask for.
-fn start(config: Result<Config, ConfigError>, flag: Option<LogLevel>) -> Result<Config, Exit> {
+fn start(
+    config: Result<Config, ConfigError>,
+    flag: Option<LogLevel>,
+) -> Result<(Config, logging::Level), Exit> {
     let config = config.map_err(|e| config_error(&e))?;
-    let rust_log = std::env::var("RUST_LOG").ok();
-    let (level, ignored) = logging::level(flag, rust_log.as_deref(), config.log.level);
-    logging::init(level.0);
-    if let Some(why) = ignored {
-        tracing::warn!("{why}");
-    }
-    Ok(config)
+    let level = logging::init(flag, std::env::var("RUST_LOG").ok(), config.log.level);
+    Ok((config, level))
 }
 
 fn config_error(e: &ConfigError) -> Exit {

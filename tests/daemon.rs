@@ -365,6 +365,92 @@ fn a_changed_upload_filter_stops_the_old_one_in_the_persistent_session() {
     assert_eq!(stored.values().next().unwrap(), &new);
 }
 
+const FORGOT: &str = "has no session for imaged although it had one";
+
+/// Waits for the n-th "Connected to" line of the daemon's log.
+fn wait_connected_n(daemon: &Daemon, n: usize) {
+    wait_until(
+        &format!("connection {n} of imaged"),
+        Duration::from_secs(30),
+        || daemon.log_count("Connected to") >= n,
+    );
+}
+
+#[test]
+fn a_broker_restarted_without_persistence_is_warned_about_once_per_episode_and_across_imaged_restarts(
+) {
+    let mut broker = Broker::start();
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+    assert_eq!(daemon.log_count(FORGOT), 0, "a first start forgot nothing");
+
+    broker.restart();
+    wait_connected_n(&daemon, 2);
+    assert_eq!(daemon.log_count(FORGOT), 1, "{}", daemon.log());
+    let warning = daemon.log();
+    let warning = warning.lines().find(|l| l.contains(FORGOT)).unwrap();
+    assert!(warning.contains("WARN"), "{warning}");
+    for words in [
+        "may have been dropped",
+        "persistence true",
+        "broker.session_expiry",
+    ] {
+        assert!(warning.contains(words), "{warning}");
+    }
+    // The same episode: the broker forgets again before any connection found a session.
+    broker.restart();
+    wait_connected_n(&daemon, 3);
+    assert_eq!(daemon.log_count(FORGOT), 1, "{}", daemon.log());
+    // Images still flow after it.
+    assert!(broker.mosquitto_pub(UPLOAD, &jpeg(31, 3000)));
+    daemon.wait_stored(1, Duration::from_secs(10));
+
+    // "Had one before" survives imaged's restart: the broker forgets while imaged is down.
+    assert!(daemon.terminate().success());
+    broker.restart();
+    daemon.spawn();
+    daemon.wait_ready_n(2);
+    assert_eq!(daemon.log_count(FORGOT), 2, "{}", daemon.log());
+}
+
+#[test]
+fn another_client_id_is_a_new_session_not_a_forgotten_one_and_an_older_state_folder_still_counts() {
+    let mut broker = Broker::start();
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+    assert!(daemon.terminate().success());
+    daemon.reconfigure("[broker]\nclient_id = \"imaged-another\"\n");
+    daemon.spawn();
+    daemon.wait_ready_n(2);
+    assert_eq!(daemon.log_count(FORGOT), 0, "{}", daemon.log());
+    assert!(daemon.terminate().success());
+
+    // An older version remembered only the subscription: the broker forgetting it is still noticed.
+    let state = daemon.images.join(".imaged");
+    assert!(state.join("subscription").exists());
+    std::fs::remove_file(state.join("session")).unwrap();
+    broker.restart();
+    daemon.spawn();
+    daemon.wait_ready_n(3);
+    assert_eq!(daemon.log_count(FORGOT), 1, "{}", daemon.log());
+}
+
+#[test]
+fn a_broker_restarted_with_persistence_kept_the_session_and_is_not_warned_about() {
+    let mut broker = Broker::persistent();
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+    // Mosquitto saves its database at most a second after the subscription.
+    std::thread::sleep(Duration::from_millis(1500));
+    broker.restart();
+    wait_connected_n(&daemon, 2);
+    assert!(daemon.log().contains("session resumed"), "{}", daemon.log());
+    assert!(daemon.terminate().success());
+    daemon.spawn();
+    daemon.wait_ready_n(2);
+    assert_eq!(daemon.log_count(FORGOT), 0, "{}", daemon.log());
+}
+
 #[test]
 fn cameras_on_a_wildcard_filter_get_folders_of_their_own_and_hostile_levels_stay_inside_and_apart()
 {

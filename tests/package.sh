@@ -7,7 +7,8 @@
 #   2. images sent with mosquitto_pub and `imaged send` land in /var/lib/imaged/images, journal fields
 #   3. a hung daemon (SIGSTOP) is killed by the watchdog and restarted; images sent meanwhile are stored
 #   4. a local edit of /etc/imaged.toml survives an upgrade; `systemctl restart` applies it
-#   5. a broken config: the service fails with file, line and key in the journal, and is not restarted
+#   5. a broken config: the service fails with file, line and key in the journal, and is not restarted;
+#      `systemctl reload` applies a new topic in the same process, and refuses a broken file, keeping the old
 #   6. the broker password from password_file, then from the systemd credential mqtt-password
 #   7. remove keeps config and images; purge removes the unit, the config and /var/lib/imaged
 # One PASS/FAIL line per check; exits non-zero on any failure. Needs root (prints SKIP otherwise).
@@ -240,7 +241,7 @@ sha_big=$(sha256sum "$big" | cut -d' ' -f1)
 check "mosquitto_pub a 3 MB image" publish /root/img-big.jpg image/upload
 check "the 3 MB image stored whole under the unit's sandboxing" eventually 15 is_stored "$sha_big"
 check "imaged prune --dry-run beside the running daemon: what the policy would delete, nothing deleted" \
-    eval "in_sb imaged prune --dry-run | grep -q 'Stored: '"
+    eval "in_sb imaged prune --dry-run | grep 'Stored: ' >/dev/null"
 check "the images are all still there after the dry run" is_stored "$sha_big"
 
 # ---------------------------------------------------------------- 3. watchdog
@@ -318,6 +319,34 @@ check "no restart storm: still failed, NRestarts still $n0 after 6s" \
 in_sb cp /root/imaged.toml.good /etc/imaged.toml
 check "fixed config: systemctl restart imaged" in_sb systemctl restart imaged
 check "active again" is_active
+
+# ---------------------------------------------------------------- 5b. reload
+# systemctl reload runs the unit's ExecReload= (SIGHUP): the new topic applies at once, in the same process.
+pid0=$(prop MainPID)
+n0=$(prop NRestarts)
+applied0=$(journal | grep -c -F 'topics.upload apply now')
+applied() { [ "$(journal | grep -c -F 'topics.upload apply now')" -gt "$1" ]; }
+same_process() { [ "$(prop MainPID) $(prop ActiveState) $(prop NRestarts)" = "$pid0 active $n0" ]; }
+in_sb sed -i 's|^upload = "cameras/+/jpeg"|upload = "reloaded/+/jpeg"|' /etc/imaged.toml
+check "edit topics.upload = \"reloaded/+/jpeg\"; systemctl reload imaged" in_sb systemctl reload imaged
+check "journal: the reload applied topics.upload" eventually 10 applied "$applied0"
+check "same main PID, still active, no restart" same_process
+sha8=$(make_jpeg 8)
+check "mosquitto_pub img-8.jpg -t reloaded/cam1/jpeg" publish /root/img-8.jpg reloaded/cam1/jpeg
+check "img-8 stored: the reload applied the new topic" eventually 10 is_stored "$sha8"
+in_sb sed -i 's/^port = 1883/prot = 1883/' /etc/imaged.toml
+line=$(in_sb grep -n '^prot = ' /etc/imaged.toml | cut -d: -f1)
+check "broken config (broker.prot, line $line): systemctl reload imaged" in_sb systemctl reload imaged
+err="Reload refused: /etc/imaged.toml:$line: broker.prot: unknown field"
+check "journal names file, line and key: '$err ...'" eventually 10 journal_has "$err"
+check "imaged keeps running the old config: same main PID, active" same_process
+sha9=$(make_jpeg 9)
+check "mosquitto_pub img-9.jpg -t reloaded/cam1/jpeg" publish /root/img-9.jpg reloaded/cam1/jpeg
+check "img-9 stored" eventually 10 is_stored "$sha9"
+in_sb cp /root/imaged.toml.good /etc/imaged.toml
+applied0=$(journal | grep -c -F 'topics.upload apply now')
+check "fixed config: systemctl reload imaged" in_sb systemctl reload imaged
+check "journal: topics.upload back to cameras/+/jpeg" eventually 10 applied "$applied0"
 
 # ---------------------------------------------------------------- 6. broker password
 # The broker now wants a login. imaged gets its password from password_file, then from the credential.

@@ -5,6 +5,7 @@
 //! fix. Semantic checks (a topic filter that matches the stored topic, half a client certificate) are done
 //! here too, so `imaged check-config` and the daemon agree on what is valid.
 
+pub mod reload;
 mod values;
 
 use std::fmt;
@@ -28,7 +29,7 @@ pub const PACKET_OVERHEAD: usize = 64 * 1024 + 16;
 /// The name of the systemd credential that may hold the MQTT password (`LoadCredential=mqtt-password:…`).
 pub const PASSWORD_CREDENTIAL: &str = "mqtt-password";
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The file this came from, for errors found later (an unreadable password file, say).
@@ -42,7 +43,7 @@ pub struct Config {
     pub log: Log,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Broker {
     pub host: String,
@@ -56,7 +57,7 @@ pub struct Broker {
     pub tls: Option<Tls>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tls {
     /// `false` turns TLS off while keeping the other keys for later.
@@ -70,14 +71,14 @@ pub struct Tls {
     pub server_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Topics {
     pub upload: String,
     pub stored: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Storage {
     pub dir: PathBuf,
@@ -96,7 +97,7 @@ pub struct Storage {
 }
 
 /// What imaged deletes to keep running: the oldest images first, never one whose republish is pending.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Retention {
     /// Total size of the stored images; 0 = no limit.
@@ -107,14 +108,14 @@ pub struct Retention {
     pub min_free: FreeSpace,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     pub inflight_images: usize,
     pub inflight_bytes: usize,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Log {
     pub level: LogLevel,

@@ -1,14 +1,16 @@
-//! The daemon: opens the storage, starts the pipeline and the MQTT session, reports to systemd, and stops
-//! cleanly on SIGTERM.
+//! The daemon: opens the storage, starts the pipeline and the MQTT session, reports to systemd, reloads its
+//! config on SIGHUP, and stops cleanly on SIGTERM.
 //!
 //! [`session`] owns the broker connection and hands uploads to the [`pipeline`], whose threads write them
 //! and settle them against the [`index`] and list them in the retention catalog; [`retention`] deletes the
 //! oldest as `[retention]` says; [`health`] holds what the parts share about themselves, which [`systemd`]
-//! turns into READY, STATUS and watchdog pings; [`shutdown`] is the stop signal.
+//! turns into READY, STATUS and watchdog pings; [`reload`] hands the parts what a new config changes;
+//! [`shutdown`] is the stop signal.
 
 mod health;
 mod index;
 mod pipeline;
+mod reload;
 mod retention;
 mod session;
 mod shutdown;
@@ -55,20 +57,20 @@ impl Error {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(config: Config) -> Result<(), Error> {
+/// Runs the daemon until SIGTERM or SIGINT; `level` is the log level a reload changes.
+pub fn run(config: Config, level: crate::logging::Level) -> Result<(), Error> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    let result = runtime.block_on(serve(config));
+    let result = runtime.block_on(serve(config, level));
     // Dropping the runtime would wait for every blocking task, the join of a writer stuck in the kernel
     // among them: a stop must not hang on a stuck disk (nothing unacknowledged is lost by leaving).
     runtime.shutdown_timeout(Duration::from_millis(500));
     result
 }
 
-async fn serve(config: Config) -> Result<(), Error> {
+async fn serve(config: Config, level: crate::logging::Level) -> Result<(), Error> {
     let broker_name = config.broker_name();
     info!(
         "imaged {} starting: broker {broker_name} as '{}', uploads '{}', storage {}",
@@ -78,10 +80,10 @@ async fn serve(config: Config) -> Result<(), Error> {
         config.storage.dir.display()
     );
     // Before the state folder's lock, which tells `imaged prune` whom to signal: SIGUSR1 would end a
-    // process without a handler.
-    let prune_signals =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
-            .map_err(Error::Runtime)?;
+    // process without a handler (and so would SIGHUP, a reload).
+    let signal = |kind| tokio::signal::unix::signal(kind).map_err(Error::Runtime);
+    let prune_signals = signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let hangups = signal(tokio::signal::unix::SignalKind::hangup())?;
     let limits = &config.limits;
     // Uploads are numbered by the broker, and up to inflight_images of them are stored at once; republishes
     // are numbered by imaged, so their window keeps rumqttc's packet-id margin (the rest wait in the outbox).
@@ -103,13 +105,7 @@ async fn serve(config: Config) -> Result<(), Error> {
     for warning in mqtt::local_broker_warnings(&config.broker.host, config.broker.port) {
         warn!("{warning}");
     }
-    if crate::clock::offset_secs() != 0 {
-        warn!(
-            "The clock is offset by {}s ({}): for tests only",
-            crate::clock::offset_secs(),
-            crate::clock::OFFSET_ENV
-        );
-    }
+    warn_of_a_test_clock();
     let health = Arc::new(Health::default());
     let (outcomes_tx, outcomes_rx) = tokio::sync::mpsc::unbounded_channel();
     let storage = start_storage(&config, usize::from(inflight), outcomes_tx, &health)?;
@@ -125,6 +121,7 @@ async fn serve(config: Config) -> Result<(), Error> {
             max_packet: config.max_packet_bytes(),
             keep_alive: Duration::from_secs(config.broker.keep_alive_secs),
             subscription_file: config.state_dir().join("subscription"),
+            identity: format!("{}@{broker_name}", config.client_id()),
         },
         client,
         pipeline.inbox.clone(),
@@ -133,16 +130,23 @@ async fn serve(config: Config) -> Result<(), Error> {
     let supervisor = tokio::spawn(systemd::supervise(health.clone(), broker_name.clone()));
     let trimmer = tokio::spawn(trim_memory(health.clone()));
     let prune_requests = tokio::spawn(prune_requests(prune_signals, retention.clone()));
+    let (reloader, reloads) = reload::start(hangups, &config, level, &pipeline, &retention);
     let ready_status = format!("connected to {broker_name}; ready");
     let result = session
-        .run(eventloop, outcomes_rx, shutdown::requested(), || {
-            systemd::ready(&ready_status);
-            retention.ready();
-        })
+        .run(
+            eventloop,
+            outcomes_rx,
+            reloads,
+            shutdown::requested(),
+            || {
+                systemd::ready(&ready_status);
+                retention.ready();
+            },
+        )
         .await;
-    supervisor.abort();
-    trimmer.abort();
-    prune_requests.abort();
+    for task in [supervisor, trimmer, prune_requests, reloader] {
+        task.abort();
+    }
 
     // A thread stuck in the kernel must not keep the process from exiting: nothing unacknowledged is lost.
     // The storage and the retention threads stop together, within one deadline, so a stop stays well inside
@@ -166,6 +170,16 @@ async fn serve(config: Config) -> Result<(), Error> {
     result?;
     info!("Stopped");
     Ok(())
+}
+
+fn warn_of_a_test_clock() {
+    if crate::clock::offset_secs() != 0 {
+        warn!(
+            "The clock is offset by {}s ({}): for tests only",
+            crate::clock::offset_secs(),
+            crate::clock::OFFSET_ENV
+        );
+    }
 }
 
 /// The storage side, running.
@@ -215,16 +229,13 @@ fn start_storage(
     );
     let settings = pipeline::Settings {
         image_dir: config.storage.dir.clone(),
-        path: config.storage.path.clone(),
-        upload_filter: config.topics.upload.clone(),
+        now: reload::pipeline_settings(config),
         quarantine_dir: config.quarantine_dir(),
         file_mode: config.storage.file_mode.0,
         max_image_bytes: config.storage.max_image_bytes,
         writers: config.storage.writers,
         republish_images: inflight,
         republish_bytes: config.limits.inflight_bytes,
-        min_free: policy.watches_free_space().then_some(policy.min_free),
-        max_size: policy.max_bytes,
     };
     let pipeline = Pipeline::start(
         settings,

@@ -44,6 +44,7 @@ use crate::config::FreeSpace;
 use crate::layout::{self, Template};
 use crate::retention::catalog::{self, Line};
 use crate::storage::{self, hex, Namer, PathError, Persisted, Rejection};
+use crate::topic::topic_matches;
 
 /// An upload as the session hands it over. `gen` names the broker connection it came on.
 #[derive(Debug)]
@@ -76,6 +77,8 @@ pub enum Inbox {
     Confirmed(Hash),
     /// These republishes were lost with the broker session and must be sent again.
     Lost(Vec<(Hash, String)>),
+    /// A reload changed what the committer names images by, or its limits.
+    Reload(Reloadable),
     Shutdown,
 }
 
@@ -97,12 +100,22 @@ pub enum Outcome {
     },
 }
 
+/// The settings a reload changes (see [`crate::config::reload`]).
 #[derive(Debug, Clone)]
-pub struct Settings {
-    pub image_dir: PathBuf,
+pub struct Reloadable {
     /// Where an image goes under `image_dir`, and the upload filter whose wildcards name its camera.
     pub path: Template,
     pub upload_filter: String,
+    /// Free space to keep on the storage filesystem (`None`: none); `retention.max_size` (0: none).
+    pub min_free: Option<FreeSpace>,
+    pub max_size: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub image_dir: PathBuf,
+    /// Changed by [`Inbox::Reload`] while the committer runs.
+    pub now: Reloadable,
     pub quarantine_dir: PathBuf,
     pub file_mode: u32,
     pub max_image_bytes: usize,
@@ -110,9 +123,6 @@ pub struct Settings {
     /// Bounds on republishes handed to the session and not yet confirmed.
     pub republish_images: usize,
     pub republish_bytes: usize,
-    /// Free space to keep on the storage filesystem (`None`: none); `retention.max_size` (0: none).
-    pub min_free: Option<FreeSpace>,
-    pub max_size: u64,
 }
 
 /// What the committer shares with retention.
@@ -163,8 +173,9 @@ impl Pipeline {
             outcomes,
             slots: BTreeMap::new(),
             deciding: HashSet::new(),
-            names: Namer::new(settings.path.clone()),
+            names: Namer::new(settings.now.path.clone()),
             quarantine_names: Namer::quarantine(),
+            old_filter: None,
             dirty: BTreeSet::new(),
             folders: HashSet::new(),
             trouble: None,
@@ -376,6 +387,8 @@ struct Committer {
     deciding: HashSet<Hash>,
     names: Namer,
     quarantine_names: Namer,
+    /// The upload filter before the last reload that changed it, for the cameras of what it still delivers.
+    old_filter: Option<String>,
     /// Folders with renames not fsynced yet.
     dirty: BTreeSet<PathBuf>,
     /// Image folders known to exist, so a burst into one folder does not look it up for every image.
@@ -493,9 +506,29 @@ impl Committer {
                     });
                 }
             }
+            Inbox::Reload(now) => self.reload(now),
             Inbox::Shutdown => return true,
         }
         false
+    }
+
+    fn reload(&mut self, now: Reloadable) {
+        if now.path != self.settings.now.path {
+            self.names = Namer::new(now.path.clone());
+        }
+        if now.upload_filter != self.settings.now.upload_filter {
+            self.old_filter = Some(std::mem::take(&mut self.settings.now.upload_filter));
+        }
+        self.settings.now = now;
+    }
+
+    /// The upload filter `topic` came by: the current one, or the one a reload replaced while it may still
+    /// deliver (its unsubscription waits for the new subscription).
+    fn filter_of(&self, topic: &str) -> &str {
+        match &self.old_filter {
+            Some(old) if !topic_matches(&self.settings.now.upload_filter, topic) => old,
+            _ => &self.settings.now.upload_filter,
+        }
     }
 
     fn accept(&mut self, upload: Upload) {
@@ -508,7 +541,7 @@ impl Committer {
             gen: upload.gen,
             pkid: upload.pkid,
             qos: upload.qos,
-            camera: layout::camera(&self.settings.upload_filter, &upload.topic),
+            camera: layout::camera(self.filter_of(&upload.topic), &upload.topic),
             topic: upload.topic,
             at: upload.at,
             payload: upload.payload,
@@ -563,7 +596,7 @@ impl Committer {
     /// Whether `bytes` more can be written and still leave `retention.min_free` free. A filesystem that
     /// cannot tell is no reason to hold: the write itself will say what is wrong.
     fn room_for(&self, bytes: u64) -> bool {
-        let Some(min_free) = self.settings.min_free else {
+        let Some(min_free) = self.settings.now.min_free else {
             return true;
         };
         match storage::space(&self.settings.image_dir) {
@@ -754,7 +787,7 @@ impl Committer {
         let stats = &self.health.stats;
         let counts = self.catalog.counts();
         stats.set_appended(counts.images, counts.bytes);
-        if self.settings.max_size > 0 && stats.stored_totals().1 > self.settings.max_size {
+        if self.settings.now.max_size > 0 && stats.stored_totals().1 > self.settings.now.max_size {
             self.retention.wake();
         }
         Ok(())

@@ -81,6 +81,8 @@ enum Msg {
     },
     /// The daemon is ready: the catch-up may begin.
     Ready,
+    /// A reload changed `[retention]`: a pass under the new policy now.
+    Policy(Policy),
     Shutdown,
 }
 
@@ -113,6 +115,10 @@ impl Handle {
 
     pub fn ready(&self) {
         let _ = self.tx.send(Msg::Ready);
+    }
+
+    pub fn reload(&self, policy: Policy) {
+        let _ = self.tx.send(Msg::Policy(policy));
     }
 
     pub fn shutdown(&self) {
@@ -220,6 +226,10 @@ impl Retention {
                     self.delete_quarantined(&doomed);
                 }
                 Ok(Msg::Ready) => self.ready = true,
+                Ok(Msg::Policy(policy)) => {
+                    self.settings.policy = policy;
+                    next_pass = Instant::now();
+                }
                 Ok(Msg::Shutdown) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
             }

@@ -59,8 +59,19 @@ pub struct Settings {
     /// reading ([`ping_due`]).
     pub keep_alive: Duration,
     /// Where the upload filter of the persistent session is remembered, so that a changed `topics.upload`
-    /// also unsubscribes the old filter (the broker keeps it in the session otherwise).
+    /// also unsubscribes the old filter (the broker keeps it in the session otherwise). Beside it, `session`
+    /// names the broker and client id of the session imaged had, for the warning about a broker that forgot
+    /// it ([`broker_forgot`]).
     pub subscription_file: PathBuf,
+    /// `client_id@host:port`: whose session, on which broker.
+    pub identity: String,
+}
+
+/// What a reload changes in the session.
+#[derive(Debug)]
+pub struct Reload {
+    pub upload: String,
+    pub stored: String,
 }
 
 /// The filter to unsubscribe: the one remembered from an earlier run, when it is not the configured one.
@@ -69,6 +80,26 @@ pub fn stale_filter(remembered: Option<&str>, configured: &str) -> Option<String
         .map(str::trim)
         .filter(|r| !r.is_empty() && *r != configured)
         .map(str::to_string)
+}
+
+/// Whether imaged had a session on this broker under this client id before: as the `session` file remembers
+/// (`remembered`), or, written by a version without it, as a remembered subscription says. Another broker
+/// or client id starts a new session, which is nothing the broker forgot.
+pub fn had_session(remembered: Option<&str>, subscribed_before: bool, identity: &str) -> bool {
+    match remembered {
+        Some(who) => who.trim() == identity,
+        None => subscribed_before,
+    }
+}
+
+/// Whether a ConnAck with `session_present` begins an episode of a broker that forgot imaged, to warn about
+/// once, and whether the episode goes on. `had_session`: imaged subscribed in a persistent session before,
+/// in this run or an earlier one. The episode ends at a connection that finds the session again, so a
+/// broker that keeps no session at all, or one restarted again meanwhile, is not warned about at every
+/// reconnect.
+pub fn broker_forgot(had_session: bool, session_present: bool, in_episode: bool) -> (bool, bool) {
+    let forgot = had_session && !session_present;
+    (forgot && !in_episode, forgot)
 }
 
 /// Whether to ping now while reading is held back: half a keep-alive after the last ping, so that the broker,
@@ -115,10 +146,22 @@ pub struct Session {
     /// Republishes in the request channel or on the wire: (hash, name) until the broker's PUBACK.
     republishes: PublishWindow<(Hash, String)>,
     need_subscribe: bool,
-    /// An old upload filter still in the persistent session, to unsubscribe.
-    unsubscribe: Option<String>,
+    /// The broker acknowledged a subscription on this connection since the filter last changed.
+    subscribed: bool,
+    /// Old upload filters still in the persistent session, to unsubscribe once the current one is
+    /// subscribed (so that nothing published meanwhile matches neither).
+    unsubscribe: Vec<String>,
+    /// The upload filter in the subscription file.
+    remembered: Option<String>,
     /// When to try a refused subscription again.
     resubscribe_at: Option<Instant>,
+    /// imaged had a session on this broker under this client id: in this run or, as the `session` file
+    /// says, an earlier one ([`had_session`]).
+    had_session: bool,
+    /// The `session` file names this broker and client id.
+    session_remembered: bool,
+    /// In an episode of connections that found no session although imaged had one ([`broker_forgot`]).
+    forgotten: bool,
     /// The first subscription was acknowledged.
     ready: bool,
     /// The words of the last connection problem logged, so one cause makes one line.
@@ -137,7 +180,16 @@ impl Session {
         health: Arc<Health>,
     ) -> Session {
         let remembered = std::fs::read_to_string(&settings.subscription_file).ok();
-        let unsubscribe = stale_filter(remembered.as_deref(), &settings.upload);
+        let identity = std::fs::read_to_string(session_file(&settings)).ok();
+        let had_session = had_session(
+            identity.as_deref(),
+            remembered.is_some(),
+            &settings.identity,
+        );
+        let session_remembered = identity.as_deref().map(str::trim) == Some(&settings.identity);
+        let unsubscribe = stale_filter(remembered.as_deref(), &settings.upload)
+            .into_iter()
+            .collect();
         Session {
             beat: health.register("MQTT event loop"),
             republishes: PublishWindow::new(settings.republish_window),
@@ -155,8 +207,13 @@ impl Session {
             acks: VecDeque::new(),
             to_send: VecDeque::new(),
             need_subscribe: false,
+            subscribed: false,
             unsubscribe,
             resubscribe_at: None,
+            had_session,
+            session_remembered,
+            remembered,
+            forgotten: false,
             ready: false,
             last_problem: None,
             stopping: None,
@@ -171,6 +228,7 @@ impl Session {
         mut self,
         eventloop: EventLoop,
         mut outcomes: UnboundedReceiver<Outcome>,
+        mut reloads: UnboundedReceiver<Reload>,
         shutdown: impl std::future::Future<Output = ()>,
         on_ready: impl FnOnce(),
     ) -> Result<(), PipelineStopped> {
@@ -194,6 +252,7 @@ impl Session {
                     Some(outcome) => self.outcome(outcome),
                     None => return Err(PipelineStopped),
                 },
+                Some(reload) = reloads.recv() => self.reload(reload),
                 Some((event, retry)) = events.next(), if poll => {
                     self.event(event, retry)?;
                     if self.ready {
@@ -225,6 +284,19 @@ impl Session {
     /// more uploads (up to nine a time) into memory that the window says is used up; a ping reads nothing.
     fn holding_back(&self) -> bool {
         !self.admitting() && self.connected && !self.disconnect_sent
+    }
+
+    /// Republishes from now on go to the new stored topic; a new upload filter is subscribed, and the old
+    /// one unsubscribed after it. Uploads in flight are settled and acknowledged as before.
+    fn reload(&mut self, reload: Reload) {
+        self.settings.stored = reload.stored;
+        if reload.upload != self.settings.upload {
+            let old = std::mem::replace(&mut self.settings.upload, reload.upload);
+            self.unsubscribe.retain(|f| *f != self.settings.upload);
+            self.unsubscribe.push(old);
+            self.need_subscribe = true;
+            self.subscribed = false;
+        }
     }
 
     fn stop(&mut self) {
@@ -347,12 +419,26 @@ impl Session {
         self.last_ping = Instant::now();
         self.health.stats.connected.store(true, Ordering::Relaxed);
         self.need_subscribe = true;
+        self.subscribed = false;
         let session = if ack.session_present {
             "session resumed"
         } else {
             "new session"
         };
         info!(broker = %self.settings.broker, "Connected to {} ({session})", self.settings.broker);
+        let (warn_now, forgotten) =
+            broker_forgot(self.had_session, ack.session_present, self.forgotten);
+        self.forgotten = forgotten;
+        if warn_now {
+            warn!(
+                "The broker {} has no session for imaged although it had one: uploads published while imaged \
+                 was away may have been dropped by the broker (it restarted without persistence, the session \
+                 expired, or it keeps none). To keep them, configure the broker to keep sessions: \
+                 `persistence true` in mosquitto.conf (and a persistent_client_expiration longer than imaged \
+                 may be away), or broker.session_expiry with MQTT 5",
+                self.settings.broker
+            );
+        }
         let (unnumbered, on_wire) = self.republishes.stages();
         debug!(
             "republishes: {unnumbered} waiting for a packet id, {on_wire} for their PUBACK, {} not sent yet",
@@ -384,12 +470,18 @@ impl Session {
                 self.settings.broker, self.settings.upload
             );
             self.resubscribe_at = Some(Instant::now() + Duration::from_secs(30));
-        } else if !self.ready {
-            self.ready = true;
-            info!(
-                "Ready: subscribed to '{}', republishing on '{}'",
-                self.settings.upload, self.settings.stored
-            );
+        } else {
+            self.subscribed = true;
+            if !self.ready {
+                self.ready = true;
+                self.remember_session();
+                info!(
+                    "Ready: subscribed to '{}', republishing on '{}'",
+                    self.settings.upload, self.settings.stored
+                );
+            } else if self.remembered.as_deref() != Some(self.settings.upload.as_str()) {
+                info!("Subscribed to '{}'", self.settings.upload);
+            }
             self.remember_subscription();
         }
     }
@@ -459,10 +551,31 @@ impl Session {
         self.pipeline.send(msg).map_err(|_| PipelineStopped)
     }
 
-    fn remember_subscription(&self) {
+    /// Notes whose session the broker now keeps, once.
+    fn remember_session(&mut self) {
+        self.had_session = true;
+        if self.session_remembered {
+            return;
+        }
+        let file = session_file(&self.settings);
+        match storage::replace_file(&file, self.settings.identity.as_bytes(), 0o600) {
+            Ok(()) => self.session_remembered = true,
+            Err(e) => warn!(
+                "{e}; if the broker forgets imaged's session while imaged restarts, imaged cannot tell"
+            ),
+        }
+    }
+
+    fn remember_subscription(&mut self) {
+        if self.remembered.as_deref() == Some(self.settings.upload.as_str()) {
+            return;
+        }
         let file = &self.settings.subscription_file;
-        if let Err(e) = storage::replace_file(file, self.settings.upload.as_bytes(), 0o600) {
-            warn!("{e}; a later change of topics.upload will not unsubscribe this filter");
+        match storage::replace_file(file, self.settings.upload.as_bytes(), 0o600) {
+            Ok(()) => self.remembered = Some(self.settings.upload.clone()),
+            Err(e) => {
+                warn!("{e}; a later change of topics.upload will not unsubscribe this filter");
+            }
         }
     }
 
@@ -475,12 +588,6 @@ impl Session {
             self.resubscribe_at = None;
             self.need_subscribe = true;
         }
-        if let Some(old) = &self.unsubscribe {
-            if self.client.try_unsubscribe(old.clone()).is_ok() {
-                info!("Unsubscribing from '{old}', the upload filter of an earlier configuration");
-                self.unsubscribe = None;
-            }
-        }
         if self.need_subscribe
             && self
                 .client
@@ -488,6 +595,18 @@ impl Session {
                 .is_ok()
         {
             self.need_subscribe = false;
+        }
+        // The broker takes requests in order: queued behind the new subscription, an unsubscription of the
+        // old filter cannot leave a moment without either.
+        while self.subscribed && !self.need_subscribe {
+            let Some(old) = self.unsubscribe.last() else {
+                break;
+            };
+            if self.client.try_unsubscribe(old.clone()).is_err() {
+                break;
+            }
+            info!("Unsubscribing from '{old}', the upload filter of an earlier configuration");
+            self.unsubscribe.pop();
         }
         while let Some(&(pkid, qos)) = self.acks.front() {
             let mut publish = Publish::new("", qos, Vec::new());
@@ -520,6 +639,10 @@ impl Session {
     }
 }
 
+fn session_file(settings: &Settings) -> PathBuf {
+    settings.subscription_file.with_file_name("session")
+}
+
 /// The storage pipeline is gone: the daemon cannot go on.
 #[derive(Debug, thiserror::Error)]
 #[error("the storage pipeline stopped")]
@@ -538,6 +661,32 @@ mod tests {
             stale_filter(Some("cams/#"), "image/upload").as_deref(),
             Some("cams/#")
         );
+    }
+
+    #[test]
+    fn a_broker_that_forgot_imaged_is_warned_about_once_until_a_connection_finds_the_session_again()
+    {
+        // A first start: no session before, nothing forgotten.
+        assert_eq!(broker_forgot(false, false, false), (false, false));
+        // Resumed, as it should be.
+        assert_eq!(broker_forgot(true, true, false), (false, false));
+        // The broker restarted without persistence: one warning, and an episode begins.
+        assert_eq!(broker_forgot(true, false, false), (true, true));
+        // Further connections without a session are the same episode.
+        assert_eq!(broker_forgot(true, false, true), (false, true));
+        // A connection that finds the session ends it.
+        assert_eq!(broker_forgot(true, true, true), (false, false));
+    }
+
+    #[test]
+    fn a_session_was_had_on_the_same_broker_and_client_id_or_as_an_older_version_remembered_it() {
+        let me = "imaged-1@broker:1883";
+        assert!(had_session(Some("imaged-1@broker:1883\n"), true, me));
+        assert!(!had_session(Some("imaged-1@other:1883"), true, me));
+        assert!(!had_session(Some("imaged-2@broker:1883"), true, me));
+        // Written by a version that remembered only the subscription.
+        assert!(had_session(None, true, me));
+        assert!(!had_session(None, false, me));
     }
 
     #[test]

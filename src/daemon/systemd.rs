@@ -1,6 +1,6 @@
 //! Talking to systemd: READY once storage is writable and the first subscription is acknowledged, a STATUS
-//! line kept current, WATCHDOG pings only while every part of the pipeline shows signs of life, STOPPING at
-//! shutdown. Every call is a no-op when not run by systemd (no `NOTIFY_SOCKET`).
+//! line kept current, WATCHDOG pings only while every part of the pipeline shows signs of life, RELOADING and
+//! READY around a reload, STOPPING at shutdown. Every call is a no-op when not run by systemd (no `NOTIFY_SOCKET`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,6 +18,22 @@ fn notify(states: &[NotifyState]) {
 
 pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// Before a reload: systemd waits for READY=1. It asks for the monotonic clock's time with RELOADING=1, to
+/// tell this reload from an earlier one.
+pub fn reloading() {
+    let mut states = vec![
+        NotifyState::Reloading,
+        NotifyState::Status("reloading the configuration"),
+    ];
+    states.extend(NotifyState::monotonic_usec_now().ok());
+    notify(&states);
+}
+
+/// After a reload, whether it applied the new config or kept the old one.
+pub fn reloaded() {
+    notify(&[NotifyState::Ready]);
 }
 
 pub fn stopping() {

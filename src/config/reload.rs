@@ -1,0 +1,190 @@
+//! What a reload (SIGHUP, `systemctl reload imaged`) changes: the keys that apply at once, and those that
+//! keep their old values until a restart (they shape the connection, the folders or the memory bounds).
+
+use super::{Broker, Config, Limits, Log, Retention, Storage, Topics};
+
+/// A new config, measured against the running one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The config to run with now: the new values of the keys that apply at once, the old ones of the rest.
+    pub config: Config,
+    /// Keys that changed and apply now.
+    pub applied: Vec<&'static str>,
+    /// Keys that changed and wait for a restart.
+    pub restart: Vec<&'static str>,
+}
+
+/// Sorts the keys that differ between `running` and `new` into the two classes. Every key is named here,
+/// so that a key added to the config does not compile until it is given its class.
+pub fn plan(running: &Config, new: &Config) -> Plan {
+    let mut config = running.clone();
+    config.path.clone_from(&new.path);
+    let mut applied = Vec::new();
+    let mut restart = Vec::new();
+    macro_rules! key {
+        (now $section:ident . $key:ident) => {
+            if running.$section.$key != *$key {
+                config.$section.$key = $key.clone();
+                applied.push(concat!(stringify!($section), ".", stringify!($key)));
+            }
+        };
+        (restart $section:ident . $key:ident) => {
+            if running.$section.$key != *$key {
+                restart.push(concat!(stringify!($section), ".", stringify!($key)));
+            }
+        };
+    }
+
+    let Config {
+        path: _,
+        broker,
+        topics,
+        storage,
+        retention,
+        limits,
+        log,
+    } = new;
+    let Broker {
+        host,
+        port,
+        client_id,
+        username,
+        password_file,
+        keep_alive_secs,
+        connect_timeout_secs,
+        tls,
+    } = broker;
+    key!(restart broker.host);
+    key!(restart broker.port);
+    key!(restart broker.client_id);
+    key!(restart broker.username);
+    key!(restart broker.password_file);
+    key!(restart broker.keep_alive_secs);
+    key!(restart broker.connect_timeout_secs);
+    // TLS is read once, as a whole, when the client is built.
+    key!(restart broker.tls);
+
+    let Topics { upload, stored } = topics;
+    key!(now topics.upload);
+    key!(now topics.stored);
+
+    let Storage {
+        dir,
+        quarantine_dir,
+        state_dir,
+        max_image_bytes,
+        file_mode,
+        writers,
+        dedup_window,
+        path,
+        quarantine_max_size,
+    } = storage;
+    key!(restart storage.dir);
+    key!(restart storage.quarantine_dir);
+    key!(restart storage.state_dir);
+    // The MQTT client's packet limit is set when it is built.
+    key!(restart storage.max_image_bytes);
+    key!(restart storage.file_mode);
+    key!(restart storage.writers);
+    key!(restart storage.dedup_window);
+    key!(now storage.path);
+    key!(restart storage.quarantine_max_size);
+
+    let Retention {
+        max_size,
+        max_age,
+        min_free,
+    } = retention;
+    key!(now retention.max_size);
+    key!(now retention.max_age);
+    key!(now retention.min_free);
+
+    let Limits {
+        inflight_images,
+        inflight_bytes,
+    } = limits;
+    key!(restart limits.inflight_images);
+    key!(restart limits.inflight_bytes);
+
+    let Log { level } = log;
+    key!(now log.level);
+
+    Plan {
+        config,
+        applied,
+        restart,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(text: &str) -> Config {
+        Config::parse(text, Path::new("/etc/imaged.toml")).unwrap()
+    }
+
+    #[test]
+    fn the_same_file_again_changes_nothing() {
+        let text = include_str!("../../config/imaged.toml");
+        let plan = plan(&parse(text), &parse(text));
+        assert!(
+            plan.applied.is_empty() && plan.restart.is_empty(),
+            "{plan:?}"
+        );
+        assert_eq!(plan.config, parse(text));
+    }
+
+    #[test]
+    fn topics_template_retention_and_log_level_apply_at_once() {
+        let old = parse("");
+        let new = parse(
+            "[topics]\nupload = \"cams/+/jpeg\"\nstored = \"cams/stored\"\n\
+             [storage]\npath = \"{camera}/%Y/image_%H%M%S.jpg\"\n\
+             [retention]\nmax_size = \"1GB\"\nmax_age = \"7d\"\nmin_free = \"1%\"\n[log]\nlevel = \"debug\"\n",
+        );
+        let plan = plan(&old, &new);
+        assert_eq!(
+            plan.applied,
+            [
+                "topics.upload",
+                "topics.stored",
+                "storage.path",
+                "retention.max_size",
+                "retention.max_age",
+                "retention.min_free",
+                "log.level"
+            ]
+        );
+        assert!(plan.restart.is_empty());
+        assert_eq!(plan.config, new);
+    }
+
+    #[test]
+    fn keys_that_need_a_restart_are_named_and_keep_their_old_values() {
+        let old = parse("");
+        let new = parse(
+            "[broker]\nhost = \"elsewhere\"\nport = 8883\n[broker.tls]\n\
+             [storage]\ndir = \"/srv/images\"\nmax_image_bytes = 1000\nwriters = 2\n\
+             [limits]\ninflight_images = 10\n[log]\nlevel = \"warn\"\n",
+        );
+        let plan = plan(&old, &new);
+        assert_eq!(
+            plan.restart,
+            [
+                "broker.host",
+                "broker.port",
+                "broker.tls",
+                "storage.dir",
+                "storage.max_image_bytes",
+                "storage.writers",
+                "limits.inflight_images"
+            ]
+        );
+        assert_eq!(plan.applied, ["log.level"]);
+        let mut expected = old.clone();
+        expected.log.level = new.log.level;
+        assert_eq!(plan.config, expected);
+    }
+}
