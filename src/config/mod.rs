@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::layout::Template;
 use crate::topic::{check_topic_filter, check_topic_name, topic_matches};
-pub use values::{FileMode, FreeSpace, LogLevel, Size, Span};
+pub use values::{FileMode, FreeSpace, LogLevel, Protocol, Size, Span};
 
 /// Where the daemon and the tools look when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/imaged.toml";
@@ -54,6 +54,10 @@ pub struct Broker {
     pub password_file: Option<PathBuf>,
     pub keep_alive_secs: u64,
     pub connect_timeout_secs: u64,
+    /// The MQTT version spoken: 3.1.1 or 5 (only 5 carries packet limits, flow control and properties).
+    pub protocol: Protocol,
+    /// MQTT 5: how long the broker keeps a persistent session while imaged is away.
+    pub session_expiry: Span,
     pub tls: Option<Tls>,
 }
 
@@ -133,6 +137,8 @@ impl Default for Broker {
             password_file: None,
             keep_alive_secs: 30,
             connect_timeout_secs: 5,
+            protocol: Protocol::V311,
+            session_expiry: Span(std::time::Duration::from_secs(7 * 86_400)),
             tls: None,
         }
     }
@@ -358,6 +364,14 @@ impl Broker {
         if self.connect_timeout_secs == 0 {
             return err("broker.connect_timeout_secs", "must be at least 1");
         }
+        if self.session_expiry.is_zero() {
+            // 0 would tell an MQTT 5 broker to drop the session, and the uploads queued in it, at every
+            // disconnect.
+            return err(
+                "broker.session_expiry",
+                "must be longer than 0 (the broker keeps uploads in imaged's session while it is away)",
+            );
+        }
         match &self.tls {
             Some(tls) => tls.validate(),
             None => Ok(()),
@@ -577,6 +591,30 @@ mod tests {
         );
         assert_eq!(config.storage.file_mode, FileMode(0o640));
         assert!(config.client_id().starts_with("imaged"));
+    }
+
+    #[test]
+    fn the_protocol_is_3_1_1_unless_5_is_asked_for_and_a_session_expiry_of_0_is_refused() {
+        assert_eq!(parse("").unwrap().broker.protocol, Protocol::V311);
+        assert_eq!(
+            parse("[broker]\nprotocol = \"5\"\n")
+                .unwrap()
+                .broker
+                .protocol,
+            Protocol::V5
+        );
+        assert_eq!(
+            parse("[broker]\nprotocol = 5\n").unwrap().broker.protocol,
+            Protocol::V5
+        );
+        let err = parse("[broker]\nprotocol = \"4\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("broker.protocol"));
+        assert_eq!(
+            parse("").unwrap().broker.session_expiry.0,
+            std::time::Duration::from_secs(7 * 86_400)
+        );
+        let err = parse("[broker]\nsession_expiry = \"0\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("broker.session_expiry"));
     }
 
     #[test]

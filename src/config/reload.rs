@@ -52,6 +52,8 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
         password_file,
         keep_alive_secs,
         connect_timeout_secs,
+        protocol,
+        session_expiry,
         tls,
     } = broker;
     key!(restart broker.host);
@@ -61,6 +63,8 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
     key!(restart broker.password_file);
     key!(restart broker.keep_alive_secs);
     key!(restart broker.connect_timeout_secs);
+    key!(restart broker.protocol);
+    key!(restart broker.session_expiry);
     // TLS is read once, as a whole, when the client is built.
     key!(restart broker.tls);
 

@@ -41,6 +41,43 @@ impl fmt::Display for LogLevel {
     }
 }
 
+/// `broker.protocol`: the MQTT version imaged speaks, `"3.1.1"` or `"5"` (a bare `5` is taken too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "ProtocolText")]
+pub enum Protocol {
+    V311,
+    V5,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ProtocolText {
+    Text(String),
+    Number(i64),
+}
+
+impl TryFrom<ProtocolText> for Protocol {
+    type Error = String;
+    fn try_from(v: ProtocolText) -> Result<Self, String> {
+        match v {
+            ProtocolText::Text(t) if t.trim() == "3.1.1" => Ok(Protocol::V311),
+            ProtocolText::Text(t) if t.trim() == "5" => Ok(Protocol::V5),
+            ProtocolText::Number(5) => Ok(Protocol::V5),
+            ProtocolText::Text(t) => Err(format!("{t:?} is not \"3.1.1\" or \"5\"")),
+            ProtocolText::Number(n) => Err(format!("{n} is not \"3.1.1\" or \"5\"")),
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
+        })
+    }
+}
+
 /// The permission bits of stored files (`storage.file_mode`), written in octal as a string ("0640") in the
 /// file, and applied whatever the umask.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

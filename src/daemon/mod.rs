@@ -99,7 +99,10 @@ async fn serve(config: Config, level: crate::logging::Level) -> Result<(), Error
         &config.broker,
         config.client_id(),
         config.max_packet_bytes(),
-        Role::Daemon { inflight },
+        Role::Daemon {
+            inflight,
+            receive: u16::try_from(limits.inflight_images).unwrap_or(u16::MAX),
+        },
     )
     .map_err(|e| config.error(e))?;
     for warning in mqtt::local_broker_warnings(&config.broker.host, config.broker.port) {

@@ -97,6 +97,9 @@ pub enum Outcome {
         hash: Hash,
         name: String,
         payload: Bytes,
+        /// Its camera and receive time, while the committer still knows them (not for one read back from
+        /// the outbox).
+        origin: Option<Origin>,
     },
 }
 
@@ -192,6 +195,7 @@ impl Pipeline {
                         hash,
                         name,
                         payload: None,
+                        origin: None,
                     })
                     .collect(),
                 ..Republishes::default()
@@ -349,6 +353,14 @@ struct Republish {
     name: String,
     /// `None` once it no longer fits in memory: read back from the stored file.
     payload: Option<Bytes>,
+    origin: Option<Origin>,
+}
+
+/// Where and when a stored image came in, for the properties of its MQTT 5 republish.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub camera: String,
+    pub received_at: DateTime<Utc>,
 }
 
 struct Trouble {
@@ -503,6 +515,7 @@ impl Committer {
                         hash,
                         name,
                         payload: None,
+                        origin: None,
                     });
                 }
             }
@@ -892,6 +905,10 @@ impl Committer {
                     hash,
                     name: name.clone(),
                     payload,
+                    origin: Some(Origin {
+                        camera: slot.camera.clone(),
+                        received_at: slot.at,
+                    }),
                 });
             }
             (Kind::Image, _, hash) => {
@@ -970,6 +987,7 @@ impl Committer {
                 hash: item.hash,
                 name: item.name,
                 payload,
+                origin: item.origin,
             });
         }
     }

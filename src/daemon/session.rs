@@ -24,17 +24,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use rumqttc::{
-    AsyncClient, ConnAck, ConnectionError, Event, EventLoop, Incoming, Outgoing, Publish, QoS,
-    SubAck, SubscribeReasonCode,
-};
+use rumqttc::{ConnAck, Event, Incoming, Outgoing, Publish, QoS, SubAck, SubscribeReasonCode};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, error, info, warn};
 
 use super::health::{Beat, Health, Stats};
 use super::index::Hash;
-use super::pipeline::{Inbox, Outcome, Upload};
-use crate::mqtt::{self, Numbered, PublishWindow};
+use super::pipeline::{Inbox, Origin, Outcome, Upload};
+use crate::mqtt::{self, Client, ConnectionError, EventLoop, Numbered, Properties, PublishWindow};
 use crate::storage;
 
 /// How long a stop waits for the pipeline and the broker before it exits anyway (nothing unacknowledged is
@@ -117,13 +114,36 @@ struct Republish {
     hash: Hash,
     name: String,
     payload: Bytes,
+    properties: Properties,
+}
+
+/// What an MQTT 5 republish says about its image (3.1.1 sends none of it): its content type and, as user
+/// properties, its name, hash and, when still known, camera and receive time.
+pub fn republish_properties(name: &str, hash: &Hash, origin: Option<&Origin>) -> Properties {
+    let mut user = vec![
+        ("name".to_string(), name.to_string()),
+        ("sha256".to_string(), storage::hex(hash)),
+    ];
+    if let Some(origin) = origin {
+        user.push(("camera".to_string(), origin.camera.clone()));
+        user.push((
+            "received_at".to_string(),
+            origin
+                .received_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ));
+    }
+    Properties {
+        content_type: Some("image/jpeg".to_string()),
+        user,
+    }
 }
 
 /// The connection's state. Only the session's own task touches it; the pipeline hears from it over
 /// [`Inbox`] and answers over [`Outcome`].
 pub struct Session {
     settings: Settings,
-    client: AsyncClient,
+    client: Client,
     pipeline: mpsc::Sender<Inbox>,
     health: Arc<Health>,
     beat: Arc<Beat>,
@@ -175,7 +195,7 @@ pub struct Session {
 impl Session {
     pub fn new(
         settings: Settings,
-        client: AsyncClient,
+        client: Client,
         pipeline: mpsc::Sender<Inbox>,
         health: Arc<Health>,
     ) -> Session {
@@ -363,9 +383,11 @@ impl Session {
                 hash,
                 name,
                 payload,
+                origin,
             } => {
                 if self.stopping.is_none() {
                     self.to_send.push_back(Republish {
+                        properties: republish_properties(&name, &hash, origin.as_ref()),
                         hash,
                         name,
                         payload,
@@ -530,6 +552,10 @@ impl Session {
         self.inflight_images += 1;
         self.count_inflight();
         self.inflight_bytes += publish.payload.len();
+        debug!(
+            pkid = publish.pkid,
+            "upload received; {} unsettled", self.inflight_images
+        );
         self.to_pipeline(Inbox::Upload(Upload {
             seq: self.seq,
             gen: self.gen,
@@ -609,9 +635,7 @@ impl Session {
             self.unsubscribe.pop();
         }
         while let Some(&(pkid, qos)) = self.acks.front() {
-            let mut publish = Publish::new("", qos, Vec::new());
-            publish.pkid = pkid;
-            if self.client.try_ack(&publish).is_err() {
+            if self.client.try_ack(pkid, qos).is_err() {
                 break;
             }
             self.acks.pop_front();
@@ -620,18 +644,24 @@ impl Session {
             hash,
             name,
             payload,
+            properties,
         }) = self.to_send.pop_front()
         {
             let publish = payload.clone();
             let stored = &self.settings.stored;
-            if let Err((hash, name)) =
-                self.republishes
-                    .try_publish(&self.client, stored, false, publish, (hash, name))
-            {
+            if let Err((hash, name)) = self.republishes.try_publish(
+                &self.client,
+                stored,
+                false,
+                publish,
+                &properties,
+                (hash, name),
+            ) {
                 self.to_send.push_front(Republish {
                     hash,
                     name,
                     payload,
+                    properties,
                 });
                 break;
             }

@@ -1,12 +1,81 @@
 //! Connection errors in words: one cause, one sentence that says what to check.
 
+use rumqttc::v5;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as Code5, DisconnectReasonCode};
 use rumqttc::{ConnectReturnCode, ConnectionError, StateError};
 
+use super::client::{self, reason_words};
 use super::tls::{describe_rustls, describe_tls, io_error, rustls_error};
 
 /// Says in words what went wrong with the connection, for the one log line per episode. The words do not
 /// depend on timing or attempt, so one cause makes one line however often it repeats.
-pub fn describe(e: &ConnectionError, broker: &str) -> String {
+pub fn describe(e: &client::ConnectionError, broker: &str) -> String {
+    match e {
+        client::ConnectionError::V4(e) => describe_v4(e, broker),
+        client::ConnectionError::V5(e) => describe_v5(e, broker),
+    }
+}
+
+/// What only MQTT 5 says: the reason codes of a refused CONNECT and of the broker's DISCONNECT.
+fn describe_v5(e: &v5::ConnectionError, broker: &str) -> String {
+    use v5::StateError as S5;
+    let refused = |code: &Code5| {
+        match code {
+        Code5::BadUserNamePassword | Code5::NotAuthorized => format!(
+            "the broker {broker} refused the login ({}): wrong or missing user name or password (broker.username, and broker.password_file or the systemd credential mqtt-password)",
+            reason_words(code)
+        ),
+        Code5::ClientIdentifierNotValid | Code5::BadClientId => {
+            format!("the broker {broker} refused the client id (broker.client_id)")
+        }
+        Code5::UnsupportedProtocolVersion | Code5::RefusedProtocolVersion => format!(
+            "the broker {broker} does not speak MQTT 5 (broker.protocol = \"3.1.1\" speaks the older version)"
+        ),
+        other => format!(
+            "the broker {broker} refused the connection: {}",
+            reason_words(other)
+        ),
+    }
+    };
+    match e {
+        v5::ConnectionError::ConnectionRefused(code)
+        | v5::ConnectionError::MqttState(S5::ConnFail { reason: code }) => refused(code),
+        v5::ConnectionError::MqttState(S5::ServerDisconnect {
+            reason_code,
+            reason_string,
+        }) => {
+            let why = reason_string
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default();
+            let hint = match reason_code {
+                DisconnectReasonCode::SessionTakenOver => {
+                    ": another client connected with the same client id (broker.client_id)"
+                }
+                DisconnectReasonCode::PacketTooLarge => {
+                    ": a message was larger than the broker's message_size_limit"
+                }
+                _ => "",
+            };
+            format!(
+                "the broker {broker} closed the connection: {}{why}{hint}",
+                reason_words(reason_code)
+            )
+        }
+        v5::ConnectionError::NotConnAck(_) => {
+            format!("{broker} did not answer like an MQTT broker: is it a TLS port? (then imaged needs [broker.tls]; 8883 is the usual TLS port)")
+        }
+        v5::ConnectionError::MqttState(S5::OutgoingPacketTooLarge { pkt_size, max }) => format!(
+            "a message of {pkt_size} bytes is larger than the {max} bytes the broker {broker} takes"
+        ),
+        v5::ConnectionError::MqttState(S5::Deserialization(bytes)) => {
+            format!("{broker} sent something that is not MQTT ({bytes}): is it a TLS port? (then imaged needs [broker.tls]; 8883 is the usual TLS port)")
+        }
+        other => format!("the connection to {broker} failed: {other}"),
+    }
+}
+
+fn describe_v4(e: &ConnectionError, broker: &str) -> String {
     use rumqttc::mqttbytes::Error as Bytes;
     use std::io::ErrorKind;
     if let Some(tls) = rustls_error(e) {
@@ -76,9 +145,32 @@ mod tests {
     #[test]
     fn connection_problems_are_described_in_words() {
         let refused = ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword);
-        assert!(describe(&refused, "b:1").contains("wrong user name or password"));
+        assert!(describe(&refused.into(), "b:1").contains("wrong user name or password"));
         let closed =
             ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(describe(&closed, "b:1").contains("is the broker running?"));
+        assert!(describe(&closed.into(), "b:1").contains("is the broker running?"));
+    }
+
+    #[test]
+    fn mqtt_5_reason_codes_are_described_in_words() {
+        let refused = v5::ConnectionError::ConnectionRefused(Code5::NotAuthorized);
+        assert!(describe(&refused.into(), "b:1").contains("refused the login (not authorized)"));
+        let quota = v5::ConnectionError::ConnectionRefused(Code5::QuotaExceeded);
+        assert_eq!(
+            describe(&quota.into(), "b:1"),
+            "the broker b:1 refused the connection: quota exceeded"
+        );
+        let taken = v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
+            reason_code: DisconnectReasonCode::SessionTakenOver,
+            reason_string: None,
+        });
+        assert_eq!(
+            describe(&taken.into(), "b:1"),
+            "the broker b:1 closed the connection: session taken over: another client connected with the same client id (broker.client_id)"
+        );
+        // What both versions have is described alike.
+        let io =
+            v5::ConnectionError::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(describe(&io.into(), "b:1").contains("is the broker running?"));
     }
 }

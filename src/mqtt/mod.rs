@@ -1,7 +1,9 @@
-//! MQTT client code shared by the daemon and the tools: how a client connects (options, credentials, TLS),
+//! MQTT client code shared by the daemon and the tools: one client for MQTT 3.1.1 and 5, how it connects
+//! (options, credentials, TLS),
 //! the event loop as a stream that backs off, the publish window, connection errors in words, and what a
 //! local Mosquitto's configuration will do to imaged's images.
 
+mod client;
 mod credentials;
 mod describe;
 mod local_broker;
@@ -10,6 +12,7 @@ mod poller;
 mod tls;
 mod window;
 
+pub use client::{Client, ConnectionError, EventLoop, Properties};
 pub use describe::describe;
 pub use local_broker::local_broker_warnings;
 pub use options::{connect, packet_id_space, window, Role, MAX_WINDOW};

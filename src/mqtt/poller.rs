@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use rumqttc::{ConnectionError, Event, EventLoop, Incoming, Outgoing, Packet, StateError};
+use rumqttc::{Event, Incoming, Outgoing, Packet, StateError};
 
+use super::client::{from_v5, ConnectionError, EventLoop};
 use crate::backoff::Backoff;
 
 /// The event loop as a stream that waits out the backoff after an error before polling again.
@@ -57,7 +58,7 @@ impl Holding {
 /// refused and acknowledged (with a persistent session the broker would otherwise resend it forever).
 /// Events rumqttc had parsed on a connection that then failed come right after that connection's error and
 /// before the next ConnAck ([`after_failure`]).
-pub fn events(eventloop: EventLoop, max_packet: usize) -> Events {
+pub fn events(eventloop: impl Into<EventLoop>, max_packet: usize) -> Events {
     events_holding(eventloop, max_packet, Holding::default())
 }
 
@@ -70,9 +71,18 @@ pub fn events(eventloop: EventLoop, max_packet: usize) -> Events {
 ///
 /// The user asks for an item while holding only when a ping is due; a write that fails is a connection
 /// error like any other.
-pub fn events_holding(eventloop: EventLoop, max_packet: usize, holding: Holding) -> Events {
+///
+/// rumqttc's MQTT 5 client keeps its connection to itself, so there a stream that is holding reads nothing
+/// and pings nothing until the hold ends: the broker should send no more than imaged's Receive Maximum
+/// anyway, but Mosquitto 2.0.11 does not keep to it. A hold longer than one and a half keep-alives then
+/// costs the connection (the broker delivers the unacknowledged uploads again; dedup stores them once).
+pub fn events_holding(
+    eventloop: impl Into<EventLoop>,
+    max_packet: usize,
+    holding: Holding,
+) -> Events {
     let poller = Poller {
-        eventloop,
+        eventloop: eventloop.into(),
         backoff: Backoff::broker(),
         wait: None,
         max_packet,
@@ -92,18 +102,25 @@ impl Poller {
         if let Some(queued) = self.queued.pop_front() {
             return queued;
         }
-        if self.holding.get() && self.eventloop.network.is_some() {
-            return match ping(&mut self.eventloop).await {
-                Ok(()) => {
-                    self.pinged = true;
-                    (Ok(Event::Outgoing(Outgoing::PingReq)), None)
-                }
-                Err(e) => {
-                    // What rumqttc does at a failed write of its own: the next poll reconnects.
-                    self.eventloop.clean();
-                    self.failed(e)
-                }
-            };
+        if let EventLoop::V4(eventloop) = &mut self.eventloop {
+            if self.holding.get() && eventloop.network.is_some() {
+                return match ping(eventloop).await {
+                    Ok(()) => {
+                        self.pinged = true;
+                        (Ok(Event::Outgoing(Outgoing::PingReq)), None)
+                    }
+                    Err(e) => {
+                        // What rumqttc does at a failed write of its own: the next poll reconnects.
+                        eventloop.clean();
+                        self.failed(e.into())
+                    }
+                };
+            }
+        }
+        if let EventLoop::V5(_) = self.eventloop {
+            while self.holding.get() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         if let Some(wait) = self.wait.take() {
             tokio::time::sleep(wait).await;
@@ -112,9 +129,24 @@ impl Poller {
             // rumqttc waits for the PINGRESP of its own last ping before it pings again, or takes the
             // connection for dead. Nothing was read while holding, so that PINGRESP may still wait behind
             // uploads the broker sent first; the pings of the hold are answered after it.
-            self.eventloop.state.await_pingresp = false;
+            if let EventLoop::V4(eventloop) = &mut self.eventloop {
+                eventloop.state.await_pingresp = false;
+            }
         }
-        match self.eventloop.poll().await {
+        let polled = match &mut self.eventloop {
+            EventLoop::V4(eventloop) => eventloop.poll().await.map_err(ConnectionError::from),
+            EventLoop::V5(eventloop) => loop {
+                match eventloop.poll().await {
+                    Ok(event) => {
+                        if let Some(event) = from_v5(event) {
+                            break Ok(event);
+                        }
+                    }
+                    Err(e) => break Err(ConnectionError::from(e)),
+                }
+            },
+        };
+        match polled {
             Ok(event) => {
                 if let Event::Incoming(Incoming::ConnAck(_)) = event {
                     self.connected();
@@ -127,9 +159,9 @@ impl Poller {
 
     fn connected(&mut self) {
         self.backoff.reset();
-        if self.raised {
+        if let (true, EventLoop::V4(eventloop)) = (self.raised, &mut self.eventloop) {
             // The limit only matters when a connection is made; this one keeps the raised one.
-            self.eventloop
+            eventloop
                 .mqtt_options
                 .set_max_packet_size(self.max_packet, self.max_packet);
             self.raised = false;
@@ -137,30 +169,39 @@ impl Poller {
     }
 
     fn failed(&mut self, error: ConnectionError) -> Polled {
-        if let Some(size) = oversized(&error) {
+        if let (Some(size), EventLoop::V4(eventloop)) = (oversized(&error), &mut self.eventloop) {
             // rumqttc cannot skip a packet over its limit: take it once with a larger limit, so the
             // pipeline can refuse and acknowledge it.
-            self.eventloop
+            eventloop
                 .mqtt_options
                 .set_max_packet_size(size.saturating_add(16), self.max_packet);
             self.raised = true;
         }
         let wait = self.backoff.next_delay();
         self.wait = Some(wait);
-        self.queued = after_failure(error, Some(wait), self.eventloop.state.events.drain(..));
+        let parsed: Vec<Event> = match &mut self.eventloop {
+            EventLoop::V4(eventloop) => eventloop.state.events.drain(..).collect(),
+            EventLoop::V5(eventloop) => eventloop
+                .state
+                .events
+                .drain(..)
+                .filter_map(from_v5)
+                .collect(),
+        };
+        self.queued = after_failure(error, Some(wait), parsed);
         self.queued.pop_front().expect("the error is queued")
     }
 }
 
 /// Writes a PINGREQ on the connection, as rumqttc's own keep-alive does, but without its state: rumqttc does
 /// not wait for the answer (see [`Poller::next`]), and its PINGRESP is harmless whenever it is read.
-async fn ping(eventloop: &mut EventLoop) -> Result<(), ConnectionError> {
+async fn ping(eventloop: &mut rumqttc::EventLoop) -> Result<(), rumqttc::ConnectionError> {
     let timeout = Duration::from_secs(eventloop.network_options.connection_timeout());
     let network = eventloop.network.as_mut().expect("connected");
     network.write(Packet::PingReq).await?;
     tokio::time::timeout(timeout, network.flush())
         .await
-        .map_err(|_| ConnectionError::FlushTimeout)??;
+        .map_err(|_| rumqttc::ConnectionError::FlushTimeout)??;
     Ok(())
 }
 
@@ -203,11 +244,12 @@ pub fn after_failure(
         .collect()
 }
 
+/// The size of a packet over the incoming limit, when that ended the connection.
 pub fn oversized(e: &ConnectionError) -> Option<usize> {
     match e {
-        ConnectionError::MqttState(StateError::Deserialization(
+        ConnectionError::V4(rumqttc::ConnectionError::MqttState(StateError::Deserialization(
             rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
-        )) => Some(*n),
+        ))) => Some(*n),
         _ => None,
     }
 }
@@ -352,7 +394,7 @@ mod tests {
             Event::Outgoing(Outgoing::Publish(3)),
         ];
         let queued = after_failure(
-            ConnectionError::NetworkTimeout,
+            rumqttc::ConnectionError::NetworkTimeout.into(),
             Some(Duration::from_secs(1)),
             parsed,
         );

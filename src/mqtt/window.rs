@@ -10,7 +10,9 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::QoS;
+
+use super::client::{Client, Properties};
 
 /// What an `Outgoing::Publish` packet id meant to the window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,17 +71,18 @@ impl<T> PublishWindow<T> {
     /// so a send that is not done at its first poll has not happened and will not, and dropping it is safe.
     pub fn try_publish(
         &mut self,
-        client: &AsyncClient,
+        client: &Client,
         topic: &str,
         retain: bool,
         payload: Bytes,
+        properties: &Properties,
         item: T,
     ) -> Result<(), T> {
         if !self.has_room() {
             return Err(item);
         }
         match client
-            .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
+            .publish_bytes(topic, QoS::AtLeastOnce, retain, payload, properties)
             .now_or_never()
         {
             Some(Ok(())) => {

@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use rumqttc::{AsyncClient, Event, Incoming, Publish, QoS, SubAck};
+use rumqttc::{Event, Incoming, Publish, QoS, SubAck};
 
 use crate::cli::ReceiveArgs;
 use crate::config::{Config, ConfigError};
 use crate::exit::Exit;
 use crate::layout;
-use crate::mqtt::{self, Events, Role};
+use crate::mqtt::{self, Client, Events, Role};
 use crate::storage::{self, Namer, PathError, Persisted};
 use crate::topic::check_topic_filter;
 
@@ -95,7 +95,7 @@ pub fn run(mut config: Config, args: &ReceiveArgs) -> Result<(), Error> {
 
 /// What `receive` is doing. Only its own task touches it.
 struct Receiver {
-    client: AsyncClient,
+    client: Client,
     topic: String,
     broker: String,
     sink: Sink,
@@ -144,7 +144,7 @@ impl Receiver {
 
     fn event(
         &mut self,
-        event: Result<Event, rumqttc::ConnectionError>,
+        event: Result<Event, mqtt::ConnectionError>,
         retry: Option<Duration>,
     ) -> Result<Next, Error> {
         match event {
@@ -206,7 +206,7 @@ impl Receiver {
                 return Next::Go;
             }
         }
-        let _ = self.client.try_ack(publish);
+        let _ = self.client.try_ack(publish.pkid, publish.qos);
         if self.count.is_some_and(|n| self.received >= n) {
             Next::Done
         } else {

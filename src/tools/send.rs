@@ -18,7 +18,7 @@ use rumqttc::{Event, Incoming, Outgoing};
 use crate::cli::SendArgs;
 use crate::config::{Config, ConfigError};
 use crate::exit::Exit;
-use crate::mqtt::{self, PublishWindow, Role};
+use crate::mqtt::{self, Properties, PublishWindow, Role};
 use crate::storage::{self, Context, PathError, Rejection};
 use crate::topic::check_topic_name;
 
@@ -103,7 +103,7 @@ pub fn run(mut config: Config, args: SendArgs) -> Result<(), Error> {
 
 /// What `send` has to do and has done. Only its own task touches it.
 struct Sender {
-    client: rumqttc::AsyncClient,
+    client: mqtt::Client,
     topic: String,
     broker: String,
     max_bytes: usize,
@@ -170,12 +170,7 @@ impl Schedule {
 
 impl Sender {
     /// Sends everything the arguments ask for; returns how many files were not sent.
-    async fn run(
-        mut self,
-        eventloop: rumqttc::EventLoop,
-        max_packet: usize,
-        args: SendArgs,
-    ) -> u64 {
+    async fn run(mut self, eventloop: mqtt::EventLoop, max_packet: usize, args: SendArgs) -> u64 {
         let mut events = mqtt::events(eventloop, max_packet);
         let files = expand(&args.files, &mut self.failed);
         let mut schedule = Schedule::new(&args, files);
@@ -264,17 +259,25 @@ impl Sender {
                 }
             };
             let len = payload.len();
-            if let Err((path, _)) =
-                self.window
-                    .try_publish(&self.client, &self.topic, false, payload, (path, len))
-            {
+            let properties = Properties {
+                content_type: Some("image/jpeg".to_string()),
+                user: Vec::new(),
+            };
+            if let Err((path, _)) = self.window.try_publish(
+                &self.client,
+                &self.topic,
+                false,
+                payload,
+                &properties,
+                (path, len),
+            ) {
                 self.queue.push_front(path);
                 return;
             }
         }
     }
 
-    fn event(&mut self, event: Result<Event, rumqttc::ConnectionError>) {
+    fn event(&mut self, event: Result<Event, mqtt::ConnectionError>) {
         match event {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                 self.connected = true;

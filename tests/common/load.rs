@@ -59,6 +59,7 @@ async fn publish(
         u16::try_from(window).unwrap_or(u16::MAX),
     ));
     let (client, eventloop) = AsyncClient::new(options, 64);
+    let client = imaged::mqtt::Client::from(client);
     let mut events = imaged::mqtt::events(eventloop, 64 << 20);
     let mut acked = vec![false; images.len()];
     let mut queue: VecDeque<usize> = (0..images.len()).collect();
@@ -73,7 +74,14 @@ async fn publish(
         if connected {
             while let Some(i) = queue.pop_front() {
                 let payload = payloads[i].clone();
-                if let Err(i) = inflight.try_publish(&client, &topics[i], false, payload, i) {
+                if let Err(i) = inflight.try_publish(
+                    &client,
+                    &topics[i],
+                    false,
+                    payload,
+                    &Default::default(),
+                    i,
+                ) {
                     queue.push_front(i);
                     break;
                 }
