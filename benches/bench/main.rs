@@ -140,6 +140,10 @@ struct Args {
     /// disk floor) drops it (posix_fadvise DONTNEED)
     #[arg(long)]
     disk_keep_cache: bool,
+    /// The disk floor writes a named temp file and renames it (imaged's sequence before O_TMPFILE, and where
+    /// the filesystem has none), instead of an O_TMPFILE file that it links
+    #[arg(long)]
+    disk_named: bool,
     /// Keep the scratch folders (broker logs, imaged's log and images)
     #[arg(long)]
     keep: bool,
@@ -574,7 +578,10 @@ fn measure_disk(ctx: &Ctx, gen: &Gen, run: usize, fs: &Fs, writers: usize) -> Me
     };
     let result = (|| -> Result<(), String> {
         let scratch = ctx.scratch(&fs.dir, "disk")?;
-        let dontneed = !ctx.args.disk_keep_cache;
+        let sequence = disk::Sequence {
+            dontneed: !ctx.args.disk_keep_cache,
+            named: ctx.args.disk_named,
+        };
         let me = std::process::id();
         let meter = CpuMeter::start(&[Some(me)]);
         let started = Instant::now();
@@ -583,7 +590,7 @@ fn measure_disk(ctx: &Ctx, gen: &Gen, run: usize, fs: &Fs, writers: usize) -> Me
             gen,
             writers,
             ctx.loaded(gen.size(), None).stop,
-            dontneed,
+            sequence,
         )?;
         let wall = started.elapsed();
         let cpu = meter.stop();
@@ -600,8 +607,11 @@ fn measure_disk(ctx: &Ctx, gen: &Gen, run: usize, fs: &Fs, writers: usize) -> Me
         m.others = cpu
             .machine_busy
             .map(|b| (b - cpu.seconds[0].unwrap_or(0.0) / (wall.as_secs_f64() * cores)).max(0.0));
-        if !dontneed {
+        if !sequence.dontneed {
             m.notes.push("page cache kept".into());
+        }
+        if sequence.named {
+            m.notes.push("named temp file and rename".into());
         }
         done_with(ctx, scratch, Some(fs));
         Ok(())
