@@ -7,9 +7,9 @@
 //! # Data flow
 //!
 //! ```text
-//!  broker ──PUBLISH──▶ daemon::session ──Upload──▶ daemon::pipeline: writers (hash, temp file, fsync)
+//!  broker ──PUBLISH──▶ daemon::session ──Upload──▶ daemon::pipeline: writers (hash, unnamed file, fsync)
 //!    ▲                   │  ▲                           │
-//!    │                   │  └──Settled──────────────────┤ committer: dedup, index fsync, rename, dir fsync
+//!    │                   │  └──Settled──────────────────┤ committer: dedup, index fsync, link, dir fsync
 //!    └──PUBACK───────────┘  └──Republish────────────────┘        (in arrival order, one group at a time)
 //!    └──PUBLISH image/stored ◀─ session ──PUBACK──▶ committer: outbox entry done (daemon::index)
 //!    └──PUBLISH event, status, stats, discovery ◀─ session (daemon::consumers, daemon::status)

@@ -195,7 +195,7 @@ mod tests {
     fn keys_that_need_a_restart_are_named_and_keep_their_old_values() {
         let old = parse("");
         let new = parse(
-            "[broker]\nhost = \"elsewhere\"\nport = 8883\n[broker.tls]\n\
+            "[broker]\nhost = \"elsewhere\"\nport = 8883\nprotocol = \"5\"\nsession_expiry = \"1d\"\n[broker.tls]\n\
              [storage]\ndir = \"/srv/images\"\nmax_image_bytes = 1000\nwriters = 2\n\
              [limits]\ninflight_images = 10\n[log]\nlevel = \"warn\"\n",
         );
@@ -205,6 +205,8 @@ mod tests {
             [
                 "broker.host",
                 "broker.port",
+                "broker.protocol",
+                "broker.session_expiry",
                 "broker.tls",
                 "storage.dir",
                 "storage.max_image_bytes",

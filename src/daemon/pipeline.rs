@@ -2,8 +2,8 @@
 //!
 //! Threads, not async tasks, because every step here is a blocking syscall:
 //!
-//! * **writers** (`storage.writers` of them) hash a payload, report the hash, then write it to a temp file,
-//!   fsynced, in parallel;
+//! * **writers** (`storage.writers` of them) hash a payload, report the hash, then write it to a file without
+//!   a name (or a temp file where the filesystem has no `O_TMPFILE`, see storage), fsynced, in parallel;
 //! * the **committer** takes the uploads in the order they arrived. As soon as an image's hash is known it
 //!   decides (a duplicate of a stored image, or the next free name) and makes the index records of the new
 //!   names durable with one write + fsync for all of them, while the writers are still writing. Once the
@@ -32,7 +32,6 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use rumqttc::QoS;
 use sha2::{Digest, Sha256};
-use tempfile::TempPath;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
@@ -72,7 +71,7 @@ pub enum Inbox {
     Written {
         seq: u64,
         bytes: usize,
-        result: Result<TempPath, PathError>,
+        result: Result<storage::Written, PathError>,
     },
     /// The broker acknowledged one publish of this image (its republish or its event).
     Confirmed(Hash),
@@ -279,7 +278,7 @@ impl Writer {
                 self.beat.beat();
                 self.health.progress.beat();
             };
-            let result = storage::write_temp_reporting(dir, &job.payload, self.mode, &moved);
+            let result = storage::write_image(dir, &job.payload, self.mode, &moved);
             if self
                 .inbox
                 .send(Inbox::Written {
@@ -309,7 +308,7 @@ enum Stage {
     /// Waiting for the disk to work again before it is written.
     Held,
     Writing,
-    Temp(TempPath),
+    Temp(storage::Written),
     /// Under its final name (the folder is not fsynced yet).
     Renamed,
 }

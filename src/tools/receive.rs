@@ -243,7 +243,7 @@ impl Sink {
                 mode,
             } => {
                 let camera = layout::stored_camera(filter, &publish.topic);
-                let mut temp = storage::write_temp(dir, &publish.payload, *mode)?;
+                let mut temp = storage::write_image(dir, &publish.payload, *mode, &|| {})?;
                 loop {
                     let name = names.next(chrono::Utc::now(), &camera);
                     let folder = dir.join(&name).parent().unwrap_or(dir).to_path_buf();
