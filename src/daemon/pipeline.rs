@@ -545,7 +545,15 @@ impl Committer {
     }
 
     fn accept(&mut self, upload: Upload) {
-        let kind = match storage::check_image(&upload.payload, self.settings.max_image_bytes) {
+        // A payload the 3.1.1 relay dropped unread: refused as oversized, by its real size.
+        let checked = match crate::mqtt::cut_size(&upload.payload) {
+            Some(bytes) => Err(Rejection::TooLarge {
+                bytes,
+                max: self.settings.max_image_bytes,
+            }),
+            None => storage::check_image(&upload.payload, self.settings.max_image_bytes),
+        };
+        let kind = match checked {
             Ok(()) => Kind::Image,
             Err(why @ Rejection::TooLarge { .. }) => Kind::Refused(why),
             Err(why) => Kind::Quarantine(why),
@@ -934,6 +942,11 @@ impl Committer {
                 Stats::count(&stats.rejected);
             }
             (Kind::Refused(why), _, _) => {
+                // The size published, also of a payload the relay dropped unread.
+                let bytes = match why {
+                    Rejection::TooLarge { bytes, .. } => *bytes,
+                    _ => bytes,
+                };
                 warn!(bytes, topic = %topic, reason = %why, "Image refused from topic '{}': {why}", topic);
                 Stats::count(&stats.rejected);
             }
