@@ -71,11 +71,18 @@ package-test:
 	./tests/package.sh
 
 # The benchmark (docs/BENCHMARKS.md): imaged against the load generator, the broker, the disk and the original
-# script, on private brokers on free loopback ports; every image is checked. Options: BENCH_ARGS='--help'.
+# script, on private brokers on free loopback ports, on the folder given and (as root) a loop-mounted journaled
+# ext4 and xfs; every image is checked. Options: BENCH_ARGS='--help'. xfsprogs (apt-get) only as root, who
+# alone can mount them.
 BENCH_ARGS ?=
 bench-deps: deps
 	@python3 -c 'import paho.mqtt.client' 2>/dev/null || { echo "Installing paho-mqtt (pip) for the original script"; \
 		python3 -m pip install -q paho-mqtt || echo "paho-mqtt is not installed: the original is skipped"; }
+	@if [ "$$(id -u)" -eq 0 ] && ! command -v mkfs.xfs >/dev/null; then \
+		echo "Installing xfsprogs (apt-get) for the xfs rows"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xfsprogs >/dev/null; } || \
+			echo "xfsprogs is not installed: the xfs rows are skipped"; \
+	fi
 
 bench: bench-deps
 	$(CARGO) build --release

@@ -1,10 +1,13 @@
 //! The storage folder: what an image is called, what counts as a JPEG, and the durable, atomic,
 //! never-replacing write.
 //!
-//! A file being written is `.incoming-XXXXXX.part` in the small `.incoming/` folder of `storage.dir` (the
-//! same filesystem, so the rename stays atomic, and start-up sweeps leftovers without listing the image
-//! folders); it is written, fsynced, then renamed to its final name with `renameat2(RENAME_NOREPLACE)`, and
-//! the folder is fsynced before anyone is told. A reader therefore sees either no image or the whole image, and an existing file is never replaced.
+//! An image being written has no name: an `O_TMPFILE` inode of the small `.incoming/` folder of `storage.dir`
+//! (the same filesystem), written, fsynced, then linked to its final name with `linkat` (which never replaces
+//! a name), and the folder is fsynced before anyone is told. A crash leaves nothing behind, and the folder of
+//! the final name is the only one locked. Where the filesystem has no `O_TMPFILE` (FUSE, old kernels), the
+//! file is `.incoming-XXXXXX.part` in `.incoming/`, renamed with `renameat2(RENAME_NOREPLACE)`; start-up
+//! sweeps such leftovers (and those of versions that always wrote them) without listing the image folders.
+//! A reader therefore sees either no image or the whole image, and an existing file is never replaced.
 //! Every error names the path it is about.
 
 use std::fmt;
@@ -125,6 +128,49 @@ pub fn check_image(payload: &[u8], max_bytes: usize) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// What a data URI puts before the base64 text of a JPEG (a browser's canvas, Node-RED's examples).
+const DATA_URI_PREFIX: &[u8] = b"data:image/jpeg;base64,";
+
+/// The largest upload `storage.accept_base64` lets in: the base64 text of a `max_bytes` image, with a data
+/// URI's prefix and a little room for a trailing newline.
+pub fn base64_limit(max_bytes: usize) -> usize {
+    max_bytes.div_ceil(3).saturating_mul(4) + DATA_URI_PREFIX.len() + 8
+}
+
+/// The JPEG that a base64 text stands for (`storage.accept_base64`): standard alphabet, padding optional,
+/// optionally after `data:image/jpeg;base64,`, whitespace around it ignored. `Ok(None)` when the payload is
+/// raw bytes, not base64, or base64 of something that is not a JPEG: it is then judged as it is (and
+/// quarantined). An image over `max_bytes` once decoded is refused before anything is decoded.
+pub fn decode_base64_image(payload: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>>, Rejection> {
+    use base64::Engine as _;
+    const ENGINE: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    if payload.starts_with(&[0xFF, 0xD8]) {
+        return Ok(None);
+    }
+    let text = payload.trim_ascii();
+    let text = match text.get(..DATA_URI_PREFIX.len()) {
+        Some(p) if p.eq_ignore_ascii_case(DATA_URI_PREFIX) => &text[DATA_URI_PREFIX.len()..],
+        _ => text,
+    };
+    // The decoded size of valid text, known before a byte is decoded.
+    let unpadded = text.len() - text.iter().rev().take_while(|b| **b == b'=').count();
+    let decoded = unpadded / 4 * 3 + (unpadded % 4).saturating_sub(1);
+    if decoded > max_bytes {
+        return Err(Rejection::TooLarge {
+            bytes: decoded,
+            max: max_bytes,
+        });
+    }
+    let Ok(jpeg) = ENGINE.decode(text) else {
+        return Ok(None);
+    };
+    Ok(check_image(&jpeg, max_bytes).is_ok().then_some(jpeg))
+}
+
 /// Hands out names from a template: within a second (when the template names the second) or for good
 /// (when it does not) it counts up, so a burst costs one rename each instead of a probe through every taken
 /// name. `RENAME_NOREPLACE` stays the guard against files it does not know of.
@@ -242,7 +288,7 @@ pub fn write_temp(dir: &Path, bytes: &[u8], mode: u32) -> Result<TempPath, PathE
 const CHUNK: usize = 1 << 20;
 
 /// [`write_temp`], calling `progress` after every chunk that reached the disk.
-pub fn write_temp_reporting(
+fn write_temp_reporting(
     dir: &Path,
     bytes: &[u8],
     mode: u32,
@@ -254,23 +300,88 @@ pub fn write_temp_reporting(
         .tempfile_in(dir)
         .at("create a temp file in", dir)?;
     let path = file.path().to_path_buf();
-    // fchmod, not the create mode: the umask must not narrow or widen what readers get.
-    file.as_file()
-        .set_permissions(Permissions::from_mode(mode))
-        .at("set the mode of", &path)?;
     // Through the File, not the NamedTempFile, whose errors repeat the path we add ourselves.
+    fill(file.as_file_mut(), bytes, mode, progress).at("write", &path)?;
+    Ok(file.into_temp_path())
+}
+
+/// A written and fsynced file that has no final name yet; dropping it removes it.
+#[derive(Debug)]
+pub enum Written {
+    /// An `O_TMPFILE` inode, in no folder until [`persist`] links it.
+    Unnamed(File),
+    /// A temp file in the incoming folder, where the filesystem has no `O_TMPFILE`.
+    Named(TempPath),
+}
+
+impl From<TempPath> for Written {
+    fn from(temp: TempPath) -> Written {
+        Written::Named(temp)
+    }
+}
+
+/// Writes an image of `bytes` with `mode` for [`persist`], fsynced, calling `progress` after every chunk that
+/// reached the disk: unnamed in `dir` where the filesystem can, else as a temp file in `dir`.
+pub fn write_image(
+    dir: &Path,
+    bytes: &[u8],
+    mode: u32,
+    progress: &dyn Fn(),
+) -> Result<Written, PathError> {
+    match open_unnamed(dir).at("create an unnamed file in", dir)? {
+        Some(mut file) => {
+            fill(&mut file, bytes, mode, progress).at("write an unnamed file in", dir)?;
+            Ok(Written::Unnamed(file))
+        }
+        None => write_temp_reporting(dir, bytes, mode, progress).map(Written::Named),
+    }
+}
+
+/// An `O_TMPFILE` file in `dir`, or None where the filesystem (or kernel) has none, or where it could not be
+/// linked: without `CAP_DAC_READ_SEARCH` (the service has no capabilities) the link goes through
+/// `/proc/self/fd`.
+fn open_unnamed(dir: &Path) -> io::Result<Option<File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    static PROC_FDS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*PROC_FDS.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+        return Ok(None);
+    }
+    match fs::OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    {
+        Ok(file) => Ok(Some(file)),
+        // EISDIR: a kernel older than O_TMPFILE takes it for O_DIRECTORY.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::ENOSYS | libc::EINVAL)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Gives `file` its mode and `bytes`, and makes them durable.
+fn fill(file: &mut File, bytes: &[u8], mode: u32, progress: &dyn Fn()) -> io::Result<()> {
+    // fchmod, not the create mode: the umask must not narrow or widen what readers get.
+    file.set_permissions(Permissions::from_mode(mode))?;
     let mut written = 0;
     for chunk in bytes.chunks(CHUNK) {
-        file.as_file_mut().write_all(chunk).at("write", &path)?;
+        file.write_all(chunk)?;
         if bytes.len() > CHUNK {
-            write_back(file.as_file(), written, chunk.len()).at("write back", &path)?;
+            write_back(file, written, chunk.len())?;
             progress();
         }
         written += chunk.len();
     }
-    file.as_file().sync_data().at("fsync", &path)?;
-    drop_from_page_cache(file.as_file());
-    Ok(file.into_temp_path())
+    file.sync_data()?;
+    drop_from_page_cache(file);
+    Ok(())
 }
 
 /// Writes `len` bytes at `offset` back to the disk and waits for them (`sync_file_range`); the final fdatasync
@@ -334,28 +445,61 @@ pub fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), PathErro
 #[derive(Debug)]
 pub enum Persisted {
     Done,
-    /// The name exists: nothing was replaced; the temp file is handed back to try another name.
-    Taken(TempPath),
-    /// The target's folder is gone (retention removes folders it emptied): the temp file is handed back to
-    /// try again once the folder is made anew.
-    NoFolder(TempPath),
+    /// The name exists: nothing was replaced; the file is handed back to try another name.
+    Taken(Written),
+    /// The target's folder is gone (retention removes folders it emptied): the file is handed back to try
+    /// again once the folder is made anew.
+    NoFolder(Written),
 }
 
-/// Renames a written temp file to `dir/name` without replacing anything. The caller fsyncs the folder.
-pub fn persist(temp: TempPath, dir: &Path, name: &str) -> Result<Persisted, PathError> {
+/// Gives a written file the name `dir/name` without replacing anything. The caller fsyncs the folder.
+pub fn persist(temp: impl Into<Written>, dir: &Path, name: &str) -> Result<Persisted, PathError> {
     let target = dir.join(name);
-    match temp.persist_noclobber(&target) {
+    let (result, back) = match temp.into() {
+        Written::Unnamed(file) => (link_unnamed(&file, &target), Written::Unnamed(file)),
+        Written::Named(temp) => match temp.persist_noclobber(&target) {
+            Ok(()) => return Ok(Persisted::Done),
+            Err(e) => (Err(e.error), Written::Named(e.path)),
+        },
+    };
+    match result {
         Ok(()) => Ok(Persisted::Done),
-        Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Ok(Persisted::Taken(e.path)),
-        // The temp file itself is in place (the caller holds it), so a missing path is the target's folder.
-        Err(e) if e.error.kind() == io::ErrorKind::NotFound && e.path.exists() => {
-            Ok(Persisted::NoFolder(e.path))
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Persisted::Taken(back)),
+        // The file itself is in place (the caller holds it), so a missing path is the target's folder.
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && !target.parent().is_some_and(Path::exists) =>
+        {
+            Ok(Persisted::NoFolder(back))
         }
         Err(e) => Err(PathError {
-            op: "rename a temp file to",
+            op: "name a written file",
             path: target,
-            source: e.error,
+            source: e,
         }),
+    }
+}
+
+/// `linkat` of an `O_TMPFILE` file to `target`; fails with EEXIST rather than replace it.
+fn link_unnamed(file: &File, target: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let to = std::ffi::CString::new(target.as_os_str().as_bytes())?;
+    // SAFETY: both paths are NUL-terminated strings that outlive the call; the descriptor is open.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -492,6 +636,45 @@ mod tests {
     }
 
     #[test]
+    fn base64_text_and_a_data_uri_decode_to_their_jpeg_and_anything_else_is_judged_as_it_is() {
+        use base64::Engine as _;
+        let jpeg = b"\xFF\xD8\xFF\xE0 a small image \xFF\xD9".to_vec();
+        let text = base64::engine::general_purpose::STANDARD.encode(&jpeg);
+        let unpadded = text.trim_end_matches('=').to_string();
+        for payload in [
+            text.clone(),
+            format!("{text}\n"),
+            unpadded,
+            format!("data:image/jpeg;base64,{text}"),
+            format!("DATA:image/JPEG;base64,{text}"),
+        ] {
+            assert_eq!(
+                decode_base64_image(payload.as_bytes(), 1000),
+                Ok(Some(jpeg.clone())),
+                "{payload:?}"
+            );
+        }
+        let not_jpeg = base64::engine::general_purpose::STANDARD.encode(b"GIF89a, not a JPEG");
+        assert_eq!(decode_base64_image(not_jpeg.as_bytes(), 1000), Ok(None));
+        assert_eq!(decode_base64_image(b"not base64 at all!", 1000), Ok(None));
+        assert_eq!(decode_base64_image(&jpeg, 1000), Ok(None), "raw JPEG bytes");
+        assert_eq!(
+            decode_base64_image(text.as_bytes(), jpeg.len()),
+            Ok(Some(jpeg.clone())),
+            "exactly at the limit"
+        );
+        assert_eq!(
+            decode_base64_image(text.as_bytes(), jpeg.len() - 1),
+            Err(Rejection::TooLarge {
+                bytes: jpeg.len(),
+                max: jpeg.len() - 1
+            }),
+            "over it once decoded, refused before decoding"
+        );
+        assert!(base64_limit(jpeg.len()) >= format!("data:image/jpeg;base64,{text}\n").len());
+    }
+
+    #[test]
     fn names_follow_the_original_pattern_in_utc() {
         let t = Utc.with_ymd_and_hms(2026, 11, 25, 16, 50, 5).unwrap();
         let mut namer = images();
@@ -617,6 +800,40 @@ mod tests {
             Persisted::Done
         ));
         assert_eq!(fs::read(dir.path().join("b.jpg")).unwrap(), b"second");
+    }
+
+    #[test]
+    fn an_image_has_no_name_in_any_folder_until_it_is_persisted_and_never_replaces_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let incoming = dir.path().join(INCOMING_DIR);
+        fs::create_dir(&incoming).unwrap();
+        let first = write_image(&incoming, b"first", 0o640, &|| {}).unwrap();
+        // tmpfs and ext4 have O_TMPFILE: nothing for a reader to see, nothing for a crash to leave behind.
+        assert!(matches!(first, Written::Unnamed(_)));
+        assert_eq!(fs::read_dir(&incoming).unwrap().count(), 0);
+        assert!(matches!(
+            persist(first, dir.path(), "a.jpg").unwrap(),
+            Persisted::Done
+        ));
+        let second = write_image(&incoming, b"second", 0o640, &|| {}).unwrap();
+        let Persisted::Taken(second) = persist(second, dir.path(), "a.jpg").unwrap() else {
+            panic!("the name was free")
+        };
+        assert_eq!(fs::read(dir.path().join("a.jpg")).unwrap(), b"first");
+        let Persisted::NoFolder(second) = persist(second, dir.path(), "gone/b.jpg").unwrap() else {
+            panic!("the folder is missing")
+        };
+        assert!(matches!(
+            persist(second, dir.path(), "b.jpg").unwrap(),
+            Persisted::Done
+        ));
+        assert_eq!(fs::read(dir.path().join("b.jpg")).unwrap(), b"second");
+        let mode = fs::metadata(dir.path().join("b.jpg"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o640);
+        assert_eq!(fs::read_dir(&incoming).unwrap().count(), 0);
     }
 
     #[test]

@@ -379,8 +379,17 @@ fn wait_connected_n(daemon: &Daemon, n: usize) {
 #[test]
 fn a_broker_restarted_without_persistence_is_warned_about_once_per_episode_and_across_imaged_restarts(
 ) {
+    forgotten_once_per_episode("");
+}
+
+#[test]
+fn in_mqtt_5_too_a_broker_restarted_without_persistence_is_warned_about_once_per_episode() {
+    forgotten_once_per_episode("[broker]\nprotocol = \"5\"\n");
+}
+
+fn forgotten_once_per_episode(extra: &str) {
     let mut broker = Broker::start();
-    let mut daemon = Daemon::start(&broker);
+    let mut daemon = Daemon::start_with(broker.port, extra, &[]);
     daemon.wait_ready();
     assert_eq!(daemon.log_count(FORGOT), 0, "a first start forgot nothing");
 

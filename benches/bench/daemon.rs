@@ -16,12 +16,17 @@ use crate::common::ImagedConfig;
 use crate::payload::{Bad, Gen};
 
 /// The config the benchmark runs imaged with: its defaults (the shipped config/imaged.toml), a private broker
-/// and folder, log level warn (info writes two lines per image: logging is not what is measured), and any
+/// and folder, `log.level` (the default `info` writes two lines per image, `warn` none), and any
 /// `--imaged-set section.key=value` given.
-pub fn config_text(port: u16, dir: &Path, sets: &[(String, String, String)]) -> String {
+pub fn config_text(
+    port: u16,
+    dir: &Path,
+    level: &str,
+    sets: &[(String, String, String)],
+) -> String {
     let client_id = format!("imaged-bench-{:016x}", fastrand::u64(..));
     let mut config = ImagedConfig::new(port, dir, &client_id);
-    config.set("log", "level", "\"warn\"");
+    config.set("log", "level", &format!("\"{level}\""));
     for (section, key, value) in sets {
         config.set(section, key, value);
     }
@@ -42,11 +47,12 @@ impl Imaged {
         bin: &Path,
         dir: &Path,
         port: u16,
+        level: &str,
         sets: &[(String, String, String)],
     ) -> Result<Imaged, String> {
         fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let config_path = dir.join("imaged.toml");
-        fs::write(&config_path, config_text(port, dir, sets)).map_err(|e| e.to_string())?;
+        fs::write(&config_path, config_text(port, dir, level, sets)).map_err(|e| e.to_string())?;
         let config = Config::load(&config_path).map_err(|e| format!("bench config: {e}"))?;
         let notify_path = dir.join("notify.sock");
         let _ = fs::remove_file(&notify_path);
@@ -120,6 +126,14 @@ impl Imaged {
 
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Log lines at warn or above (the second word of a line is its level).
+    pub fn warnings(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| matches!(l.split_whitespace().nth(1), Some("WARN" | "ERROR")))
+            .count()
     }
 
     /// SIGTERM, and the exit status (SIGKILL after 30 s).

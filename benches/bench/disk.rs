@@ -1,7 +1,9 @@
-//! The disk floor: the durable write sequence imaged uses for each image (src/storage.rs: an O_EXCL temp
-//! file, fchmod, write, fdatasync, renameat2(RENAME_NOREPLACE), fsync of the folder), in a tight loop on
-//! `storage.writers` threads, with no MQTT. Every image gets its own folder fsync here; imaged may share one
-//! among a group of images (and adds one index append + fdatasync per group).
+//! The disk floor: the durable write sequence imaged uses for each image (src/storage.rs: an O_TMPFILE file,
+//! fchmod, write, fdatasync, fadvise DONTNEED, linkat through /proc/self/fd, fsync of the folder; or with
+//! `--disk-named` the one of earlier versions and of filesystems without O_TMPFILE: an O_EXCL temp file and
+//! renameat2(RENAME_NOREPLACE) in place of the link), in a tight loop on some threads, with no MQTT. Every
+//! image gets its own folder fsync here; imaged may share one among a group of images (and adds one index
+//! append + fdatasync per group).
 
 use std::fs::{File, Permissions};
 use std::io::Write;
@@ -28,9 +30,21 @@ impl DiskResult {
     }
 }
 
-/// One image, durably, never replacing a file, as imaged writes it. `dontneed`: drop the file's pages from the
-/// page cache once they are on disk, as imaged does (see docs/BENCHMARKS.md, "Profile").
-pub fn durable_write(dir: &Path, bytes: &[u8], name: &str, dontneed: bool) -> std::io::Result<()> {
+/// How the disk floor writes.
+#[derive(Debug, Clone, Copy)]
+pub struct Sequence {
+    /// Drop the file's pages from the page cache once they are on disk, as imaged does.
+    pub dontneed: bool,
+    /// A named temp file and a rename, not an O_TMPFILE and a link.
+    pub named: bool,
+}
+
+/// One image, durably, never replacing a file, as imaged writes it.
+pub fn durable_write(dir: &Path, bytes: &[u8], name: &str, seq: Sequence) -> std::io::Result<()> {
+    if !seq.named {
+        return durable_link(dir, bytes, name, seq.dontneed);
+    }
+    let dontneed = seq.dontneed;
     let mut file = tempfile::Builder::new()
         .prefix(".incoming-")
         .suffix(".part")
@@ -51,12 +65,48 @@ pub fn durable_write(dir: &Path, bytes: &[u8], name: &str, dontneed: bool) -> st
     File::open(dir)?.sync_all()
 }
 
+fn durable_link(dir: &Path, bytes: &[u8], name: &str, dontneed: bool) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)?;
+    file.set_permissions(Permissions::from_mode(0o640))?;
+    file.write_all(bytes)?;
+    file.sync_data()?;
+    if dontneed {
+        // SAFETY: a valid open descriptor; the call only advises the kernel.
+        unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+    let from = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+    let to = CString::new(dir.join(name).as_os_str().as_bytes())?;
+    // SAFETY: NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    File::open(dir)?.sync_all()
+}
+
 pub fn run(
     dir: &Path,
     gen: &Gen,
     writers: usize,
     stop: Stop,
-    dontneed: bool,
+    sequence: Sequence,
 ) -> Result<DiskResult, String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let next = Arc::new(AtomicU64::new(0));
@@ -87,7 +137,7 @@ pub fn run(
                     }
                     gen.stamp(&mut buf, seq);
                     let t0 = Instant::now();
-                    durable_write(&dir, &buf, &format!("image_{seq:08}.jpg"), dontneed)
+                    durable_write(&dir, &buf, &format!("image_{seq:08}.jpg"), sequence)
                         .map_err(|e| format!("durable write in {}: {e}", dir.display()))?;
                     let now = Instant::now();
                     latencies.push((now - t0).as_secs_f64() * 1e3);

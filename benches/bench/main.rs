@@ -3,9 +3,13 @@
 //! For each image size and each of `--runs` runs, on a fresh private Mosquitto each time:
 //! * **loadgen ceiling**: the load generator's images looped back to it by the broker, no daemon;
 //! * **broker floor**: a forwarder that only republishes (no disk), see forwarder.rs;
-//! * **disk floor**: imaged's durable write sequence on `storage.writers` threads, no MQTT, see disk.rs;
-//! * **imaged**: the real release binary, its files and republishes checked byte for byte;
-//! * **original QoS 0 / QoS 1**: benches/original/mqtt_image_store_and_forward.py.
+//!
+//! and then on each filesystem (fs.rs: the folder given, a loop-mounted journaled ext4 and xfs), alternating:
+//! * **disk floor**: imaged's durable write sequence on 1, 4 and 16 threads, no MQTT, see disk.rs;
+//! * **imaged**: the real release binary at log level info (its default) and warn, its files and republishes
+//!   checked byte for byte;
+//! * **original QoS 0 / QoS 1**: benches/original/mqtt_image_store_and_forward.py;
+//! * imaged and the original at QoS 1 again with a small end-to-end window (`--small-window`, 100).
 //!
 //! It prints the medians and imaged's ratios to each limit, and writes them to target/bench/. A run where
 //! imaged (or a limit that must not lose anything) loses or corrupts an image fails: exit status 1.
@@ -19,6 +23,7 @@ mod common;
 mod daemon;
 mod disk;
 mod forwarder;
+mod fs;
 mod load;
 mod original;
 mod payload;
@@ -35,6 +40,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::daemon::Imaged;
 use crate::forwarder::{STORED, UPLOAD};
+use crate::fs::{Fs, FsKind};
 use crate::load::{LoadGen, Phase, PhaseResult, Stop};
 use crate::original::Original;
 use crate::payload::Gen;
@@ -69,10 +75,10 @@ struct Args {
     /// Image sizes (k = 1,000 bytes, m = 1,000,000) [default: 10k,100k,1m,5m]
     #[arg(long, value_delimiter = ',', value_parser = parse_size)]
     sizes: Option<Vec<usize>>,
-    /// Runs per size; the tables show medians [default: 3]
+    /// Runs per size; the tables show medians [default: 2]
     #[arg(long)]
     runs: Option<usize>,
-    /// Seconds of publishing in each loaded phase [default: 6]
+    /// Seconds of publishing in each loaded phase [default: 3]
     #[arg(long)]
     seconds: Option<f64>,
     /// Images per loaded phase instead of --seconds
@@ -101,9 +107,28 @@ struct Args {
     original: Option<PathBuf>,
     #[arg(long, default_value = "python3")]
     python: String,
-    /// Folder on the disk under test for brokers, images and the disk floor [default: $TMPDIR or /tmp]
+    /// Folder on the disk under test for brokers, images and the disk floor, and where the loop-mounted
+    /// filesystems' image files go [default: $TMPDIR or /tmp]
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Filesystems measured: the folder given, and a journaled ext4 and an xfs in loop-mounted image files
+    /// made for the run (root; skipped with a line otherwise) [default: dir,ext4,xfs; --smoke: dir]
+    #[arg(long, value_delimiter = ',', value_enum)]
+    fs: Option<Vec<FsKind>>,
+    /// Size of each loop-mounted filesystem's (sparse) image file, GiB
+    #[arg(long, default_value_t = 24)]
+    fs_gib: u64,
+    /// Writer threads of the disk floor, one measurement each [default: 1,4,16; --smoke: 4]
+    #[arg(long, value_delimiter = ',')]
+    disk_writers: Option<Vec<usize>>,
+    /// imaged's log levels measured; the first is the one the targets are read at [default: info,warn;
+    /// --smoke: info]
+    #[arg(long, value_delimiter = ',')]
+    levels: Option<Vec<String>>,
+    /// A second end-to-end window for imaged (first log level) and the original at QoS 1; 0: none
+    /// [default: 100; --smoke: 0]
+    #[arg(long)]
+    small_window: Option<usize>,
     /// Where the report goes [default: target/bench/report.md, and runs.tsv beside it]
     #[arg(long)]
     out: Option<PathBuf>,
@@ -115,6 +140,10 @@ struct Args {
     /// disk floor) drops it (posix_fadvise DONTNEED)
     #[arg(long)]
     disk_keep_cache: bool,
+    /// The disk floor writes a named temp file and renames it (imaged's sequence before O_TMPFILE, and where
+    /// the filesystem has none), instead of an O_TMPFILE file that it links
+    #[arg(long)]
+    disk_named: bool,
     /// Keep the scratch folders (broker logs, imaged's log and images)
     #[arg(long)]
     keep: bool,
@@ -165,15 +194,14 @@ impl Ctx {
         self.args.only.as_ref().is_none_or(|o| o.contains(&s))
     }
 
-    fn loaded(&self, size: usize) -> Phase {
-        let window = self
-            .args
-            .window
+    fn loaded(&self, size: usize, window: Option<usize>) -> Phase {
+        let window = window
+            .or(self.args.window)
             .unwrap_or_else(|| ((256usize << 20) / size).clamp(8, 1024));
         let stop = match (self.args.count, self.args.smoke) {
             (Some(n), _) => Stop::Count(n),
             (None, true) => Stop::Count(300),
-            (None, false) => Stop::After(Duration::from_secs_f64(self.args.seconds.unwrap_or(6.0))),
+            (None, false) => Stop::After(Duration::from_secs_f64(self.args.seconds.unwrap_or(3.0))),
         };
         Phase {
             window,
@@ -199,16 +227,20 @@ impl Ctx {
         }
     }
 
-    fn scratch(&self, what: &str) -> Result<tempfile::TempDir, String> {
+    fn small_window(&self) -> Option<usize> {
+        Some(
+            self.args
+                .small_window
+                .unwrap_or(if self.args.smoke { 0 } else { 100 }),
+        )
+        .filter(|&w| w > 0)
+    }
+
+    fn scratch(&self, base: &Path, what: &str) -> Result<tempfile::TempDir, String> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("imaged-bench-{what}-"))
-            .tempdir_in(&self.base)
-            .map_err(|e| {
-                format!(
-                    "cannot create a scratch folder in {}: {e}",
-                    self.base.display()
-                )
-            })?;
+            .tempdir_in(base)
+            .map_err(|e| format!("cannot create a scratch folder in {}: {e}", base.display()))?;
         // Readable by the broker whatever user it runs as.
         let _ = std::fs::set_permissions(
             dir.path(),
@@ -219,24 +251,34 @@ impl Ctx {
 }
 
 /// A subject that takes images from the broker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
     Loop,
     Forwarder,
-    Imaged,
+    /// At this log level.
+    Imaged(String),
     Original(u8),
 }
 
 impl Kind {
-    fn label(self) -> &'static str {
+    fn label(&self) -> String {
         match self {
-            Kind::Loop => report::LOOP,
-            Kind::Forwarder => report::BROKER,
-            Kind::Imaged => report::IMAGED,
-            Kind::Original(0) => report::ORIG0,
-            Kind::Original(_) => report::ORIG1,
+            Kind::Loop => report::LOOP.into(),
+            Kind::Forwarder => report::BROKER.into(),
+            Kind::Imaged(level) if level == "info" => report::IMAGED.into(),
+            Kind::Imaged(level) if level == "warn" => report::IMAGED_WARN.into(),
+            Kind::Imaged(level) => format!("{}, log level {level}", report::IMAGED),
+            Kind::Original(0) => report::ORIG0.into(),
+            Kind::Original(_) => report::ORIG1.into(),
         }
     }
+}
+
+/// One MQTT measurement: what, on which filesystem (none for those that touch no disk), at which window.
+struct Mqtt<'a> {
+    kind: Kind,
+    fs: Option<&'a Fs>,
+    window: Option<usize>,
 }
 
 /// What runs during one measurement, killed (by PID, through the guards) when it ends.
@@ -278,14 +320,19 @@ fn fill_latencies(m: &mut Measure, r: &PhaseResult) {
     m.p99 = percentile(&r.latencies_ms, 0.99);
 }
 
-fn measure_mqtt(ctx: &Ctx, gen: &Gen, kind: Kind, run: usize) -> Measure {
+fn measure_mqtt(ctx: &Ctx, gen: &Gen, what: &Mqtt, run: usize) -> Measure {
+    let label = what.kind.label();
     let mut m = Measure {
-        subject: kind.label(),
+        fs: what.fs.map(|f| f.label.clone()).unwrap_or_default(),
+        subject: match what.window {
+            Some(w) => report::at_window(&label, w),
+            None => label,
+        },
         size: gen.size(),
         run,
         ..Measure::default()
     };
-    if let Err(e) = measure_mqtt_into(ctx, gen, kind, &mut m) {
+    if let Err(e) = measure_mqtt_into(ctx, gen, what, &mut m) {
         m.failure = Some(e);
     }
     m
@@ -310,7 +357,7 @@ fn unloaded_phase(ctx: &Ctx, lg: &LoadGen, gen: &Gen, m: &mut Measure) -> Result
 }
 
 /// Starts what is measured, on the broker at `port`.
-fn start_subject(ctx: &Ctx, kind: Kind, port: u16, scratch: &Path) -> Result<Running, String> {
+fn start_subject(ctx: &Ctx, kind: &Kind, port: u16, scratch: &Path) -> Result<Running, String> {
     Ok(match kind {
         Kind::Loop => Running::None,
         Kind::Forwarder => {
@@ -327,10 +374,11 @@ fn start_subject(ctx: &Ctx, kind: Kind, port: u16, scratch: &Path) -> Result<Run
                 .map_err(|e| format!("cannot start the forwarder: {e}"))?;
             Running::Forwarder(child)
         }
-        Kind::Imaged => Running::Imaged(Box::new(Imaged::start(
+        Kind::Imaged(level) => Running::Imaged(Box::new(Imaged::start(
             &ctx.imaged,
             &scratch.join("imaged"),
             port,
+            level,
             &ctx.sets,
         )?)),
         Kind::Original(qos) => Running::Original(Original::start(
@@ -338,7 +386,7 @@ fn start_subject(ctx: &Ctx, kind: Kind, port: u16, scratch: &Path) -> Result<Run
             &ctx.original,
             port,
             scratch,
-            qos,
+            *qos,
         )?),
     })
 }
@@ -368,7 +416,7 @@ fn check_subject(
                 m.notes
                     .push(format!("{} images stored twice", files.duplicates));
             }
-            let warnings = d.log().lines().filter(|l| !l.trim().is_empty()).count();
+            let warnings = d.warnings();
             if warnings > 0 {
                 m.notes
                     .push(format!("{warnings} log lines at warn or above"));
@@ -382,21 +430,23 @@ fn check_subject(
     }
 }
 
-fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, kind: Kind, m: &mut Measure) -> Result<(), String> {
-    let scratch = ctx.scratch(&kind.label().replace(' ', "-"))?;
+fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, what: &Mqtt, m: &mut Measure) -> Result<(), String> {
+    let kind = &what.kind;
+    let scratch = ctx.scratch(
+        what.fs.map_or(ctx.base.as_path(), |f| f.dir.as_path()),
+        &kind.label().replace([' ', ','], "-"),
+    )?;
     let broker = broker::start();
     let port = broker.port;
     let mut running = start_subject(ctx, kind, port, scratch.path())?;
     let pid = running.pid();
-    let sub_topic = if kind == Kind::Loop { UPLOAD } else { STORED };
+    let sub_topic = if *kind == Kind::Loop { UPLOAD } else { STORED };
     let lg = LoadGen::connect(&ctx.rt, port, UPLOAD, sub_topic, gen.clone())?;
-    if kind != Kind::Imaged && !lg.probe(Duration::from_secs(30)) {
-        return Err(format!(
-            "{} did not pass a probe image on within 30s",
-            kind.label()
-        ));
+    let is_imaged = matches!(kind, Kind::Imaged(_));
+    if !is_imaged && !lg.probe(Duration::from_secs(30)) {
+        return Err(format!("{} passed no probe image on in 30s", kind.label()));
     }
-    if let (Kind::Imaged, Some(pid)) = (kind, pid) {
+    if let (true, Some(pid)) = (is_imaged, pid) {
         std::thread::sleep(Duration::from_millis(500));
         m.idle_rss_kib = procfs::rss_kib(pid);
     }
@@ -408,14 +458,14 @@ fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, kind: Kind, m: &mut Measure) -> Resul
     if let Some(pid) = pid {
         procfs::reset_peak_rss(pid);
     }
-    let attached = match (kind, &ctx.args.attach, pid) {
-        (Kind::Imaged, Some(cmd), Some(pid)) => Some(attach(cmd, pid)?),
+    let attached = match (is_imaged, &ctx.args.attach, pid) {
+        (true, Some(cmd), Some(pid)) => Some(attach(cmd, pid)?),
         _ => None,
     };
     let me = std::process::id();
     let meter = CpuMeter::start(&[pid, Some(broker.pid()), Some(me)]);
     let started = Instant::now();
-    let r = lg.run(ctx.loaded(gen.size()));
+    let r = lg.run(ctx.loaded(gen.size(), what.window));
     let wall = started.elapsed();
     let cpu = meter.stop();
     if let Some(child) = attached {
@@ -437,7 +487,7 @@ fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, kind: Kind, m: &mut Measure) -> Resul
         .map(|b| (b - ours / (wall.as_secs_f64() * cores)).max(0.0));
     let totals = lg.totals(Duration::from_millis(300));
     m.duplicates = totals.duplicates;
-    if let (Kind::Imaged, Some(pid)) = (kind, pid) {
+    if let (true, Some(pid)) = (is_imaged, pid) {
         std::thread::sleep(Duration::from_secs(1));
         m.after_rss_kib = procfs::rss_kib(pid);
     }
@@ -474,14 +524,25 @@ fn measure_mqtt_into(ctx: &Ctx, gen: &Gen, kind: Kind, m: &mut Measure) -> Resul
     let broker_log = broker.log();
     drop(broker);
     if ctx.args.keep {
-        let kept = scratch.keep();
-        let _ = std::fs::write(kept.join("mosquitto.log"), broker_log);
-        eprintln!("    kept {}", kept.display());
+        let _ = std::fs::write(scratch.path().join("mosquitto.log"), broker_log);
     }
+    done_with(ctx, scratch, what.fs);
     if problems.is_empty() {
         Ok(())
     } else {
         Err(problems.join("; "))
+    }
+}
+
+/// Keeps a scratch folder (--keep) or removes it and trims its filesystem.
+fn done_with(ctx: &Ctx, scratch: tempfile::TempDir, fs: Option<&Fs>) {
+    if ctx.args.keep {
+        eprintln!("    kept {}", scratch.keep().display());
+    } else {
+        drop(scratch);
+        if let Some(fs) = fs {
+            fs.trim();
+        }
     }
 }
 
@@ -505,30 +566,31 @@ fn detach(mut child: Child) {
     let _ = child.wait();
 }
 
-fn measure_disk(ctx: &Ctx, gen: &Gen, run: usize) -> Measure {
+/// The disk floor on `fs` with `writers` threads. With one writer, every write waits for the one before: its
+/// latency is the unloaded one.
+fn measure_disk(ctx: &Ctx, gen: &Gen, run: usize, fs: &Fs, writers: usize) -> Measure {
     let mut m = Measure {
-        subject: report::DISK,
+        fs: fs.label.clone(),
+        subject: report::disk_label(writers),
         size: gen.size(),
         run,
         ..Measure::default()
     };
     let result = (|| -> Result<(), String> {
-        let scratch = ctx.scratch("disk")?;
-        let unloaded = ctx.unloaded(gen.size());
-        let dontneed = !ctx.args.disk_keep_cache;
-        let single = disk::run(&scratch.path().join("one"), gen, 1, unloaded.stop, dontneed)?;
-        m.u50 = percentile(&single.latencies_ms, 0.50);
-        m.u99 = percentile(&single.latencies_ms, 0.99);
-        let writers = ctx.config.storage.writers;
+        let scratch = ctx.scratch(&fs.dir, "disk")?;
+        let sequence = disk::Sequence {
+            dontneed: !ctx.args.disk_keep_cache,
+            named: ctx.args.disk_named,
+        };
         let me = std::process::id();
         let meter = CpuMeter::start(&[Some(me)]);
         let started = Instant::now();
         let r = disk::run(
-            &scratch.path().join("many"),
+            scratch.path(),
             gen,
             writers,
-            ctx.loaded(gen.size()).stop,
-            dontneed,
+            ctx.loaded(gen.size(), None).stop,
+            sequence,
         )?;
         let wall = started.elapsed();
         let cpu = meter.stop();
@@ -536,19 +598,22 @@ fn measure_disk(ctx: &Ctx, gen: &Gen, run: usize) -> Measure {
         m.rate = r.rate();
         m.p50 = percentile(&r.latencies_ms, 0.50);
         m.p99 = percentile(&r.latencies_ms, 0.99);
+        if writers == 1 {
+            (m.u50, m.u99) = (m.p50, m.p99);
+        }
         m.harness_cpu_k = per_k(cpu.seconds[0], r.images);
         m.busy = cpu.machine_busy;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         m.others = cpu
             .machine_busy
             .map(|b| (b - cpu.seconds[0].unwrap_or(0.0) / (wall.as_secs_f64() * cores)).max(0.0));
-        m.notes.push(format!(
-            "{writers} writers{}",
-            if dontneed { ", fadvise DONTNEED" } else { "" }
-        ));
-        if ctx.args.keep {
-            let _ = scratch.keep();
+        if !sequence.dontneed {
+            m.notes.push("page cache kept".into());
         }
+        if sequence.named {
+            m.notes.push("named temp file and rename".into());
+        }
+        done_with(ctx, scratch, Some(fs));
         Ok(())
     })();
     if let Err(e) = result {
@@ -593,7 +658,7 @@ fn output_of(cmd: &str, args: &[&str]) -> String {
 }
 
 /// The machine, the software and the settings, for the report's head.
-fn describe(ctx: &Ctx) -> String {
+fn describe(ctx: &Ctx, filesystems: &[Fs], skipped: &[String]) -> String {
     let cpuinfo = read("/proc/cpuinfo");
     let model = cpuinfo
         .lines()
@@ -652,12 +717,22 @@ fn describe(ctx: &Ctx) -> String {
     let c = &ctx.config;
     format!(
         "- machine: {cores} × {model}, {mem} RAM, kernel {kernel}\n\
-         - disk under test: {} ({df})\n\
+         - disk of the folder given: {} ({df})\n\
+         - filesystems: {}{}\n\
          - {mosq}; Python {}\n\
-         - imaged {} at {}{}; config: defaults with log level warn: storage.writers {}, limits.inflight_images {}, \
+         - imaged {} at {}{}; config: defaults (log level as the rows say): storage.writers {}, limits.inflight_images {}, \
            limits.inflight_bytes {}, storage.max_image_bytes {}{}\n\
          - load average at start: {}\n",
         ctx.base.display(),
+        filesystems
+            .iter()
+            .map(|f| f.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        skipped
+            .iter()
+            .map(|s| format!("; {s}"))
+            .collect::<String>(),
         py.trim(),
         env!("CARGO_PKG_VERSION"),
         rev.trim(),
@@ -731,43 +806,79 @@ fn parse_sets(given: &[String]) -> Result<Vec<(String, String, String)>, String>
     Ok(sets)
 }
 
-/// Every subject asked for, at every size, `runs` times.
-fn measure_all(ctx: &Ctx, sizes: &[usize], runs: usize) -> Vec<Measure> {
+/// Every subject asked for, at every size, `runs` times; the disk-touching ones on each filesystem in turn.
+fn measure_all(ctx: &Ctx, filesystems: &[Fs], sizes: &[usize], runs: usize) -> Vec<Measure> {
+    let smoke = ctx.args.smoke;
+    let disk_writers = ctx.args.disk_writers.clone().unwrap_or(if smoke {
+        vec![ctx.config.storage.writers]
+    } else {
+        vec![1, 4, 16]
+    });
+    let levels = ctx.args.levels.clone().unwrap_or(if smoke {
+        vec!["info".into()]
+    } else {
+        vec!["info".into(), "warn".into()]
+    });
+    let original = ctx.wants(Subject::Original) && ctx.original_ok.is_ok();
     let mut measures = Vec::new();
+    let mut record = |m: Measure| {
+        progress(&m);
+        measures.push(m);
+    };
     for &size in sizes {
         for run in 1..=runs {
             let gen = Gen::new(size);
-            let loaded = ctx.loaded(size);
+            let loaded = ctx.loaded(size, None);
             eprintln!(
                 "{} run {run}/{runs} (window {}, {:?}):",
                 report::size_label(size),
                 loaded.window,
                 loaded.stop
             );
-            let mut kinds = Vec::new();
+            let nodisk = |kind| Mqtt {
+                kind,
+                fs: None,
+                window: None,
+            };
             if ctx.wants(Subject::Loop) {
-                kinds.push(Some(Kind::Loop));
+                record(measure_mqtt(ctx, &gen, &nodisk(Kind::Loop), run));
             }
             if ctx.wants(Subject::Forwarder) {
-                kinds.push(Some(Kind::Forwarder));
+                record(measure_mqtt(ctx, &gen, &nodisk(Kind::Forwarder), run));
             }
-            if ctx.wants(Subject::Disk) {
-                kinds.push(None);
-            }
-            if ctx.wants(Subject::Imaged) {
-                kinds.push(Some(Kind::Imaged));
-            }
-            if ctx.wants(Subject::Original) && ctx.original_ok.is_ok() {
-                kinds.push(Some(Kind::Original(0)));
-                kinds.push(Some(Kind::Original(1)));
-            }
-            for kind in kinds {
-                let m = match kind {
-                    Some(kind) => measure_mqtt(ctx, &gen, kind, run),
-                    None => measure_disk(ctx, &gen, run),
-                };
-                progress(&m);
-                measures.push(m);
+            for fs in filesystems {
+                eprintln!(" on {}:", fs.label);
+                if ctx.wants(Subject::Disk) {
+                    for &w in &disk_writers {
+                        record(measure_disk(ctx, &gen, run, fs, w));
+                    }
+                }
+                let mut kinds = Vec::new();
+                // imaged and the original alternate, so that what else runs on the machine hits both alike.
+                for (i, level) in levels.iter().enumerate() {
+                    if ctx.wants(Subject::Imaged) {
+                        kinds.push((Kind::Imaged(level.clone()), None));
+                    }
+                    if original && i < 2 {
+                        kinds.push((Kind::Original(if i == 0 { 1 } else { 0 }), None));
+                    }
+                }
+                if let (Some(w), Some(level)) = (ctx.small_window(), levels.first()) {
+                    if ctx.wants(Subject::Imaged) {
+                        kinds.push((Kind::Imaged(level.clone()), Some(w)));
+                    }
+                    if original {
+                        kinds.push((Kind::Original(1), Some(w)));
+                    }
+                }
+                for (kind, window) in kinds {
+                    let what = Mqtt {
+                        kind,
+                        fs: Some(fs),
+                        window,
+                    };
+                    record(measure_mqtt(ctx, &gen, &what, run));
+                }
             }
         }
     }
@@ -784,6 +895,13 @@ fn report_text(
     started: Instant,
 ) -> (String, Vec<String>) {
     let summaries = report::summarize(measures);
+    let mut order: Vec<report::Key> = Vec::new();
+    for m in measures {
+        let key = (m.fs.clone(), m.size, m.subject.clone());
+        if !order.contains(&key) {
+            order.push(key);
+        }
+    }
     let mut bounds = BTreeMap::new();
     let mut bound_text = String::from(
         "Memory bound (README, \"Memory\"): RSS <= 2 x limits.inflight_bytes + 10 x storage.max_image_bytes + 32 MiB",
@@ -804,8 +922,9 @@ fn report_text(
         .filter_map(|m| {
             m.failure.as_ref().map(|f| {
                 format!(
-                    "{} {} run {}: {f}",
+                    "{} {} {} run {}: {f}",
                     report::size_label(m.size),
+                    m.fs,
                     m.subject,
                     m.run
                 )
@@ -822,9 +941,9 @@ fn report_text(
         text += &format!("The original was not measured: {e}.\n\n");
     }
     text += "## Figures\n\n";
-    text += &report::figures_table(sizes, &summaries);
+    text += &report::figures_table(sizes, &order, &summaries);
     text += "\n## imaged against the limits\n\n";
-    text += &report::targets_table(sizes, &summaries, &bounds);
+    text += &report::targets_table(sizes, &order, &summaries, &bounds, ctx.small_window());
     text += "\n";
     text += &bound_text;
     if !failures.is_empty() {
@@ -834,6 +953,29 @@ fn report_text(
         }
     }
     (text, failures)
+}
+
+/// The filesystems asked for, and a line for each that cannot be had.
+fn filesystems(ctx: &Ctx) -> (Vec<Fs>, Vec<String>) {
+    let kinds = ctx.args.fs.clone().unwrap_or(if ctx.args.smoke {
+        vec![FsKind::Dir]
+    } else {
+        vec![FsKind::Dir, FsKind::Ext4, FsKind::Xfs]
+    });
+    let needs_disk =
+        ctx.wants(Subject::Disk) || ctx.wants(Subject::Imaged) || ctx.wants(Subject::Original);
+    let mut filesystems = Vec::new();
+    let mut skipped = Vec::new();
+    for kind in kinds.iter().filter(|_| needs_disk) {
+        match Fs::make(*kind, &ctx.base, ctx.args.fs_gib) {
+            Ok(fs) => filesystems.push(fs),
+            Err(e) => {
+                eprintln!("{e}");
+                skipped.push(e);
+            }
+        }
+    }
+    (filesystems, skipped)
 }
 
 fn bench(args: Args) -> Result<bool, String> {
@@ -852,8 +994,11 @@ fn bench(args: Args) -> Result<bool, String> {
     // The effective config imaged runs with (its defaults plus ours), for the writers and the memory bound.
     let probe_dir = tempfile::tempdir_in(&base).map_err(|e| e.to_string())?;
     let probe_path = probe_dir.path().join("imaged.toml");
-    std::fs::write(&probe_path, daemon::config_text(1, probe_dir.path(), &sets))
-        .map_err(|e| e.to_string())?;
+    std::fs::write(
+        &probe_path,
+        daemon::config_text(1, probe_dir.path(), "info", &sets),
+    )
+    .map_err(|e| e.to_string())?;
     let config =
         imaged::config::Config::load(&probe_path).map_err(|e| format!("bench config: {e}"))?;
     drop(probe_dir);
@@ -869,7 +1014,7 @@ fn bench(args: Args) -> Result<bool, String> {
         (None, true) => vec![10_000],
         (None, false) => vec![10_000, 100_000, 1_000_000, 5_000_000],
     };
-    let runs = args.runs.unwrap_or(if args.smoke { 1 } else { 3 });
+    let runs = args.runs.unwrap_or(if args.smoke { 1 } else { 2 });
     let ctx = Ctx {
         rt,
         base,
@@ -888,19 +1033,20 @@ fn bench(args: Args) -> Result<bool, String> {
         ));
     }
     // A private copy: a rebuild of target/release/imaged during the run must not change what is measured.
-    let bin_dir = ctx.scratch("bin")?;
+    let bin_dir = ctx.scratch(&ctx.base, "bin")?;
     let private = bin_dir.path().join("imaged");
     std::fs::copy(&ctx.imaged, &private)
         .map_err(|e| format!("cannot copy {}: {e}", ctx.imaged.display()))?;
     let mut ctx = ctx;
     ctx.imaged = private;
-    let head = describe(&ctx);
+    let (filesystems, skipped) = filesystems(&ctx);
+    let head = describe(&ctx, &filesystems, &skipped);
     eprintln!("{head}");
     if let (true, Err(e)) = (ctx.wants(Subject::Original), &ctx.original_ok) {
         eprintln!("original: SKIP: {e}");
     }
     let started = Instant::now();
-    let measures = measure_all(&ctx, &sizes, runs);
+    let measures = measure_all(&ctx, &filesystems, &sizes, runs);
     let (text, failures) = report_text(&ctx, &head, &sizes, runs, &measures, started);
     println!("{text}");
     let out = ctx

@@ -6,7 +6,9 @@ use std::fmt::Write as _;
 /// What one subject did in one run at one size.
 #[derive(Debug, Clone, Default)]
 pub struct Measure {
-    pub subject: &'static str,
+    /// The filesystem it ran on (empty for the loadgen ceiling and the broker floor, which touch no disk).
+    pub fs: String,
+    pub subject: String,
     pub size: usize,
     pub run: usize,
     /// Images that came back (or were written, for the disk floor) in the loaded phase.
@@ -35,12 +37,24 @@ pub struct Measure {
 }
 
 pub const IMAGED: &str = "imaged";
+pub const IMAGED_WARN: &str = "imaged, log level warn";
 pub const LOOP: &str = "loadgen ceiling";
 pub const BROKER: &str = "broker floor";
 pub const DISK: &str = "disk floor";
 pub const ORIG0: &str = "original QoS 0";
 pub const ORIG1: &str = "original QoS 1";
-pub const ORDER: [&str; 6] = [IMAGED, LOOP, BROKER, DISK, ORIG0, ORIG1];
+
+/// A subject measured with another end-to-end window than the default one.
+pub fn at_window(subject: &str, window: usize) -> String {
+    format!("{subject}, window {window}")
+}
+
+pub fn disk_label(writers: usize) -> String {
+    format!(
+        "{DISK}, {writers} writer{}",
+        if writers == 1 { "" } else { "s" }
+    )
+}
 
 pub fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
     if sorted.is_empty() {
@@ -94,10 +108,16 @@ pub struct Summary {
     pub notes: Vec<String>,
 }
 
-pub fn summarize(measures: &[Measure]) -> BTreeMap<(usize, &'static str), Summary> {
-    let mut groups: BTreeMap<(usize, &'static str), Vec<&Measure>> = BTreeMap::new();
+/// (filesystem, size, subject).
+pub type Key = (String, usize, String);
+
+pub fn summarize(measures: &[Measure]) -> BTreeMap<Key, Summary> {
+    let mut groups: BTreeMap<Key, Vec<&Measure>> = BTreeMap::new();
     for m in measures {
-        groups.entry((m.size, m.subject)).or_default().push(m);
+        groups
+            .entry((m.fs.clone(), m.size, m.subject.clone()))
+            .or_default()
+            .push(m);
     }
     groups
         .into_iter()
@@ -173,19 +193,17 @@ fn pct(v: Option<f64>) -> String {
     num(v.map(|v| v * 100.0), 0)
 }
 
-/// The table of every subject at every size.
-pub fn figures_table(
-    sizes: &[usize],
-    summaries: &BTreeMap<(usize, &'static str), Summary>,
-) -> String {
+/// The table of every subject at every size, filesystem by filesystem, in the order they were measured.
+pub fn figures_table(sizes: &[usize], order: &[Key], summaries: &BTreeMap<Key, Summary>) -> String {
     let mut out = String::new();
-    out += "| size | what | images/s (min–max) | MB/s | latency p50 / p99 ms | unloaded p50 / p99 ms | CPU s per 1000 | broker CPU s per 1000 | harness CPU s per 1000 | machine busy % (others) | peak RSS MiB | idle RSS MiB (after load) | notes |\n";
-    out += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    out += "| size | filesystem | what | images/s (min–max) | MB/s | latency p50 / p99 ms | unloaded p50 / p99 ms | CPU s per 1000 | broker CPU s per 1000 | harness CPU s per 1000 | machine busy % (others) | peak RSS MiB | idle RSS MiB (after load) | notes |\n";
+    out += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for &size in sizes {
-        for subject in ORDER {
-            let Some(s) = summaries.get(&(size, subject)) else {
+        for key in order.iter().filter(|k| k.1 == size) {
+            let Some(s) = summaries.get(key) else {
                 continue;
             };
+            let (fs, _, subject) = key;
             let mbs = s.rate.map(|r| r * size as f64 / 1e6);
             let spread = match (s.rate_min, s.rate_max) {
                 (Some(a), Some(b)) if s.runs > 1 => {
@@ -218,8 +236,9 @@ pub fn figures_table(
             };
             let _ = writeln!(
                 out,
-                "| {} | {} | {}{} | {} | {} / {} | {} / {} | {} | {} | {} | {} ({}) | {} | {} | {} |",
+                "| {} | {} | {} | {}{} | {} | {} / {} | {} / {} | {} | {} | {} | {} ({}) | {} | {} | {} |",
                 size_label(size),
+                if fs.is_empty() { "(no disk)" } else { fs },
                 subject,
                 rate(s.rate),
                 spread,
@@ -257,71 +276,112 @@ fn verdict(ok: Option<bool>) -> &'static str {
     }
 }
 
-/// imaged as ratios to each limit, and the targets.
+/// A ratio and whether it reaches `target`.
+fn against(r: Option<f64>, target: f64) -> String {
+    format!("{}{}", num(r, 2), verdict(r.map(|x| x >= target)))
+}
+
+/// imaged (at its defaults: log level info) against each limit on each filesystem: the targets.
 pub fn targets_table(
     sizes: &[usize],
-    summaries: &BTreeMap<(usize, &'static str), Summary>,
+    order: &[Key],
+    summaries: &BTreeMap<Key, Summary>,
     bounds: &BTreeMap<usize, u64>,
+    small_window: Option<usize>,
 ) -> String {
     let mut out = String::new();
-    out += "| size | imaged images/s | ÷ loadgen ceiling | ÷ broker floor | ÷ disk floor | ÷ 0.8 × min(broker, disk) (target ≥ 1) | ÷ original QoS 0 (target > 1) | ÷ original QoS 1 (target > 1) | unloaded p50 ms vs broker p50 + write p50 + 1 ms | peak RSS MiB vs bound | idle RSS MiB vs 16 |\n";
-    out += "|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let w = small_window.map_or("–".to_string(), |w| w.to_string());
+    let _ = writeln!(
+        out,
+        "| size | filesystem | imaged images/s (at warn) | ÷ original QoS 1 (target ≥ 1.2) | window {w}: imaged ÷ original QoS 1 (target ≥ 1.2) | ÷ best disk floor (target ≥ 0.8) | CPU ms per image vs 1.3 × (disk floor + broker floor) | unloaded p50 ms vs broker floor + 1-writer disk floor + 0.5 ms | ÷ broker floor | ÷ loadgen ceiling | peak RSS MiB vs bound | idle RSS MiB vs 16 |"
+    );
+    out += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    let mut filesystems: Vec<&str> = Vec::new();
+    for (fs, _, _) in order {
+        if !fs.is_empty() && !filesystems.contains(&fs.as_str()) {
+            filesystems.push(fs);
+        }
+    }
     for &size in sizes {
-        let get = |s: &'static str| summaries.get(&(size, s));
-        let Some(im) = get(IMAGED) else { continue };
-        let r = |s: &'static str| get(s).and_then(|x| x.rate);
-        let floor = match (r(BROKER), r(DISK)) {
-            (Some(a), Some(b)) => Some(0.8 * a.min(b)),
-            _ => None,
-        };
-        let to_floor = ratio(im.rate, floor);
-        let o0 = ratio(im.rate, r(ORIG0));
-        let o1 = ratio(im.rate, r(ORIG1));
-        let lat_target = match (
-            get(BROKER).and_then(|b| b.u50),
-            get(DISK).and_then(|d| d.u50),
-        ) {
-            (Some(b), Some(d)) => Some(b + d + 1.0),
-            _ => None,
-        };
-        let lat = match (im.u50, lat_target) {
-            (Some(u), Some(t)) => format!("{u:.2} vs {t:.2}{}", verdict(Some(u <= t))),
-            (Some(u), None) => format!("{u:.2}"),
-            _ => "–".into(),
-        };
-        let bound = bounds.get(&size).map(|b| *b as f64);
-        let rss = match (im.peak_rss_kib, bound) {
-            (Some(p), Some(b)) => format!(
-                "{} vs {}{}",
-                mib(Some(p)),
-                mib(Some(b)),
-                verdict(Some(p <= b))
-            ),
-            (Some(p), None) => mib(Some(p)),
-            _ => "–".into(),
-        };
-        let idle = im
-            .idle_rss_kib
-            .map(|k| format!("{}{}", mib(Some(k)), verdict(Some(k <= 16.0 * 1024.0))))
-            .unwrap_or_else(|| "–".into());
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {}{} | {}{} | {}{} | {} | {} | {} |",
-            size_label(size),
-            rate(im.rate),
-            num(ratio(im.rate, r(LOOP)), 2),
-            num(ratio(im.rate, r(BROKER)), 2),
-            num(ratio(im.rate, r(DISK)), 2),
-            num(to_floor, 2),
-            verdict(to_floor.map(|x| x >= 1.0)),
-            num(o0, 2),
-            verdict(o0.map(|x| x > 1.0)),
-            num(o1, 2),
-            verdict(o1.map(|x| x > 1.0)),
-            lat,
-            rss,
-            idle
-        );
+        let nodisk = |s: &str| summaries.get(&(String::new(), size, s.to_string()));
+        for fs in &filesystems {
+            let get = |s: &str| summaries.get(&(fs.to_string(), size, s.to_string()));
+            let Some(im) = get(IMAGED) else { continue };
+            let r = |s: &str| get(s).and_then(|x| x.rate);
+            let warn = r(IMAGED_WARN);
+            let best_disk = summaries
+                .iter()
+                .filter(|((f, z, s), _)| f == fs && *z == size && s.starts_with(DISK))
+                .filter(|(_, x)| x.rate.is_some())
+                .max_by(|a, b| a.1.rate.unwrap_or(0.0).total_cmp(&b.1.rate.unwrap_or(0.0)));
+            let disk_text = match best_disk {
+                Some(((_, _, label), d)) => format!(
+                    "{} ({})",
+                    against(ratio(im.rate, d.rate), 0.8),
+                    label.trim_start_matches(DISK).trim_start_matches(", ")
+                ),
+                None => "–".into(),
+            };
+            let broker = nodisk(BROKER);
+            let cpu = match (
+                im.cpu_k,
+                best_disk.and_then(|(_, d)| d.harness_cpu_k),
+                broker.and_then(|b| b.cpu_k),
+            ) {
+                (Some(c), Some(d), Some(b)) => {
+                    let t = 1.3 * (d + b);
+                    format!("{c:.3} vs {t:.3}{}", verdict(Some(c <= t)))
+                }
+                (Some(c), _, _) => format!("{c:.3}"),
+                _ => "–".into(),
+            };
+            let lat = match (
+                im.u50,
+                broker.and_then(|b| b.u50),
+                get(&disk_label(1)).and_then(|d| d.u50),
+            ) {
+                (Some(u), Some(b), Some(d)) => {
+                    let t = b + d + 0.5;
+                    format!("{u:.2} vs {t:.2}{}", verdict(Some(u <= t)))
+                }
+                (Some(u), _, _) => format!("{u:.2}"),
+                _ => "–".into(),
+            };
+            let small =
+                small_window.map(|w| ratio(r(&at_window(IMAGED, w)), r(&at_window(ORIG1, w))));
+            let bound = bounds.get(&size).map(|b| *b as f64);
+            let rss = match (im.peak_rss_kib, bound) {
+                (Some(p), Some(b)) => format!(
+                    "{} vs {}{}",
+                    mib(Some(p)),
+                    mib(Some(b)),
+                    verdict(Some(p <= b))
+                ),
+                (Some(p), None) => mib(Some(p)),
+                _ => "–".into(),
+            };
+            let idle = im
+                .idle_rss_kib
+                .map(|k| format!("{}{}", mib(Some(k)), verdict(Some(k <= 16.0 * 1024.0))))
+                .unwrap_or_else(|| "–".into());
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                size_label(size),
+                fs,
+                rate(im.rate),
+                rate(warn),
+                against(ratio(im.rate, r(ORIG1)), 1.2),
+                small.map_or("–".into(), |x| against(x, 1.2)),
+                disk_text,
+                cpu,
+                lat,
+                num(ratio(im.rate, broker.and_then(|b| b.rate)), 2),
+                num(ratio(im.rate, nodisk(LOOP).and_then(|b| b.rate)), 2),
+                rss,
+                idle
+            );
+        }
     }
     out
 }
@@ -329,14 +389,15 @@ pub fn targets_table(
 /// Every run's figures, one line each, tab-separated (for a closer look or a plot).
 pub fn runs_tsv(measures: &[Measure]) -> String {
     let mut out = String::from(
-        "size\tsubject\trun\timages\timages_per_s\tp50_ms\tp99_ms\tunloaded_p50_ms\tunloaded_p99_ms\tcpu_s_per_1000\tbroker_cpu_s_per_1000\tharness_cpu_s_per_1000\tmachine_busy\tothers_busy\tpeak_rss_kib\tidle_rss_kib\tafter_rss_kib\tsurvived\tlost\tduplicates\tfailure\n",
+        "filesystem\tsize\tsubject\trun\timages\timages_per_s\tp50_ms\tp99_ms\tunloaded_p50_ms\tunloaded_p99_ms\tcpu_s_per_1000\tbroker_cpu_s_per_1000\tharness_cpu_s_per_1000\tmachine_busy\tothers_busy\tpeak_rss_kib\tidle_rss_kib\tafter_rss_kib\tsurvived\tlost\tduplicates\tfailure\n",
     );
     let o = |v: Option<f64>| v.map(|v| format!("{v:.4}")).unwrap_or_default();
     let k = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_default();
     for m in measures {
         let _ = writeln!(
             out,
-            "{}\t{}\t{}\t{}\t{:.2}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{:.2}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            m.fs,
             m.size,
             m.subject,
             m.run,

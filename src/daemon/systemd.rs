@@ -23,10 +23,8 @@ pub fn ready(status: &str) {
 /// Before a reload: systemd waits for READY=1. It asks for the monotonic clock's time with RELOADING=1, to
 /// tell this reload from an earlier one.
 pub fn reloading() {
-    let mut states = vec![
-        NotifyState::Reloading,
-        NotifyState::Status("reloading the configuration"),
-    ];
+    // No STATUS: the supervisor sends it only when it changes, so one set here would stay after the reload.
+    let mut states = vec![NotifyState::Reloading];
     states.extend(NotifyState::monotonic_usec_now().ok());
     notify(&states);
 }

@@ -88,6 +88,26 @@ impl Client {
         }
     }
 
+    /// Several filters in one SUBSCRIBE: one SubAck, its return codes in the same order.
+    pub fn try_subscribe_many(&self, filters: &[(String, QoS)]) -> Result<(), NotQueued> {
+        match self {
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, qos)| rumqttc::SubscribeFilter::new(f.clone(), *qos)),
+                )
+                .map_err(|_| NotQueued),
+            Client::V5(c) => c
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, qos)| v5::mqttbytes::v5::Filter::new(f.clone(), qos5(*qos))),
+                )
+                .map_err(|_| NotQueued),
+        }
+    }
+
     pub fn try_unsubscribe(&self, filter: String) -> Result<(), NotQueued> {
         match self {
             Client::V4(c) => c.try_unsubscribe(filter).map_err(|_| NotQueued),

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{v5, AsyncClient, MqttOptions, NetworkOptions, TlsConfiguration, Transport};
+use rumqttc::{
+    v5, AsyncClient, LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport,
+};
 
 use super::client::{Client, EventLoop};
 use super::credentials::password;
@@ -24,6 +26,13 @@ pub enum Role {
     Receiver { persistent: bool },
 }
 
+/// A last will: published by the broker, retained at QoS 1, when the connection ends without a DISCONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    pub topic: String,
+    pub payload: String,
+}
+
 /// Builds a client and its event loop for `broker`, in its `broker.protocol`. `max_packet` bounds packets
 /// both ways; with MQTT 5 the broker is told it (Maximum Packet Size) and drops a larger message itself.
 pub fn connect(
@@ -31,6 +40,7 @@ pub fn connect(
     client_id: &str,
     max_packet: usize,
     role: Role,
+    will: Option<&Will>,
 ) -> Result<(Client, EventLoop), KeyError> {
     let login = match &broker.username {
         Some(user) => Some((user.clone(), password(broker)?.unwrap_or_default())),
@@ -59,6 +69,14 @@ pub fn connect(
             options.set_transport(Transport::Unix);
             options.set_keep_alive(keep_alive);
             options.set_max_packet_size(max_packet, max_packet);
+            if let Some(w) = will {
+                options.set_last_will(LastWill::new(
+                    &w.topic,
+                    w.payload.as_bytes(),
+                    QoS::AtLeastOnce,
+                    true,
+                ));
+            }
             match role {
                 Role::Daemon { inflight, .. } => {
                     options.set_clean_session(false);
@@ -85,6 +103,13 @@ pub fn connect(
             options.set_keep_alive(keep_alive);
             options.set_connection_timeout(broker.connect_timeout_secs);
             options.set_max_packet_size(Some(u32::try_from(max_packet).unwrap_or(u32::MAX)));
+            if let Some(w) = will {
+                let qos = v5::mqttbytes::QoS::AtLeastOnce;
+                let payload = w.payload.as_bytes();
+                options.set_last_will(v5::mqttbytes::v5::LastWill::new(
+                    &w.topic, payload, qos, true, None,
+                ));
+            }
             // A persistent session lasts session_expiry after a disconnect; a clean one ends with it.
             let expiry = u32::try_from(broker.session_expiry.0.as_secs()).unwrap_or(u32::MAX);
             match role {
@@ -154,7 +179,7 @@ mod tests {
             session_expiry: crate::config::Span(Duration::from_secs(3600)),
             ..Broker::default()
         };
-        let (_client, eventloop) = connect(&broker, "t", max_packet, role).unwrap();
+        let (_client, eventloop) = connect(&broker, "t", max_packet, role, None).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

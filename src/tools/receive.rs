@@ -74,6 +74,7 @@ pub fn run(mut config: Config, args: &ReceiveArgs) -> Result<(), Error> {
         &client_id,
         config.max_packet_bytes(),
         Role::Receiver { persistent },
+        None,
     )
     .map_err(|e| config.error(e))?;
     let receiver = Receiver {
@@ -241,8 +242,8 @@ impl Sink {
                 filter,
                 mode,
             } => {
-                let camera = layout::camera(filter, &publish.topic);
-                let mut temp = storage::write_temp(dir, &publish.payload, *mode)?;
+                let camera = layout::stored_camera(filter, &publish.topic);
+                let mut temp = storage::write_image(dir, &publish.payload, *mode, &|| {})?;
                 loop {
                     let name = names.next(chrono::Utc::now(), &camera);
                     let folder = dir.join(&name).parent().unwrap_or(dir).to_path_buf();

@@ -72,6 +72,7 @@ pub fn run(mut config: Config, args: SendArgs) -> Result<(), Error> {
         &client_id,
         config.max_packet_bytes(),
         Role::Sender { inflight: window },
+        None,
     )
     .map_err(|e| config.error(e))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
