@@ -53,6 +53,49 @@ pub fn camera(filter: &str, topic: &str) -> String {
     safe.join("/")
 }
 
+/// The camera of a topic imaged republished on (a `{camera}` stored topic): like [`camera`], but a level
+/// that is already a folder name as [`safe_level`] writes it stays as it is, so `imaged receive --dir`
+/// keeps the daemon's camera folders instead of escaping their `%` again.
+pub fn stored_camera(filter: &str, topic: &str) -> String {
+    let original = |safe: &str| decode_level(safe).and_then(|raw| String::from_utf8(raw).ok());
+    camera(filter, topic)
+        .split('/')
+        .map(|safe| match original(safe) {
+            Some(level) if original(&level).is_some_and(|raw| safe_level(&raw) == level) => level,
+            _ => safe.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The bytes a level written by [`safe_level`] stands for (`None` for what it never writes, such as a cut
+/// long level).
+fn decode_level(level: &str) -> Option<Vec<u8>> {
+    if level == "%" {
+        return Some(Vec::new());
+    }
+    let bytes = level.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = level.get(i + 1..i + 3)?;
+            if !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+            {
+                return None;
+            }
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
 /// One topic level as a folder name (see the module's rule).
 pub fn safe_level(level: &str) -> String {
     if level.is_empty() {
@@ -182,6 +225,25 @@ impl Default for Template {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_camera_folder_from_a_stored_topic_is_kept_as_the_daemon_wrote_it() {
+        let filter = "image/stored/+";
+        for camera in ["cam1", "caf%C3%A9", "%", "a%2Fb", "%2Ehidden"] {
+            assert_eq!(
+                stored_camera(filter, &format!("image/stored/{camera}")),
+                camera
+            );
+        }
+        // Anything else is escaped as ever.
+        assert_eq!(stored_camera(filter, "image/stored/café"), "caf%C3%A9");
+        assert_eq!(stored_camera(filter, "image/stored/%41"), "%2541");
+        assert_eq!(stored_camera(filter, "image/stored/.x"), "%2Ex");
+        assert_eq!(
+            stored_camera("image/stored/#", "image/stored/a/b%20c"),
+            "a/b%20c"
+        );
+    }
     use chrono::TimeZone;
     use std::collections::HashSet;
 

@@ -12,6 +12,7 @@
 //!    │                   │  └──Settled──────────────────┤ committer: dedup, index fsync, link, dir fsync
 //!    └──PUBACK───────────┘  └──Republish────────────────┘        (in arrival order, one group at a time)
 //!    └──PUBLISH image/stored ◀─ session ──PUBACK──▶ committer: outbox entry done (daemon::index)
+//!    └──PUBLISH event, status, stats, discovery ◀─ session (daemon::consumers, daemon::status)
 //! ```
 //!
 //! # Modules
@@ -19,11 +20,15 @@
 //! The parts, each a folder:
 //! * [`daemon`]: the service. `session` owns the broker connection; `pipeline` writes and settles uploads
 //!   (writer threads and one committer); `index` is the append-only log that is both the dedup index and
-//!   the republish outbox; `retention` is the thread that deletes the oldest images; `health` and
-//!   `systemd` are signs of life, counters, READY, STATUS and the watchdog; `reload` reads the config again
-//!   at SIGHUP and hands each part what changed; `shutdown` is the stop signal.
+//!   the outbox of republishes and image events; `consumers` decides what is published per stored image
+//!   (its per-camera topic, retain, the event); `status` is online/offline, the last will, the stats and
+//!   the cameras seen, and `homeassistant` their discovery messages; `retention` is the thread that deletes
+//!   the oldest images; `health` and `systemd` are signs of life, counters, READY, STATUS and the watchdog;
+//!   `reload` reads the config again at SIGHUP and hands each part what changed; `shutdown` is the stop
+//!   signal.
 //! * [`mqtt`]: client code shared by the daemon and the tools: one client for MQTT 3.1.1 and 5 (MQTT 5's
-//!   events read as 3.1.1's), connect options, credentials, TLS, the event
+//!   events read as 3.1.1's; 3.1.1 through a relay that drops an oversized publish unread), connect
+//!   options, credentials, TLS, the event
 //!   loop as a backing-off stream, the [`mqtt::PublishWindow`], connection errors in words, and the check of
 //!   a local Mosquitto's settings.
 //! * [`tools`]: `imaged send`, `imaged receive`, `imaged check-config`, `imaged prune` and

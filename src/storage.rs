@@ -128,6 +128,49 @@ pub fn check_image(payload: &[u8], max_bytes: usize) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// What a data URI puts before the base64 text of a JPEG (a browser's canvas, Node-RED's examples).
+const DATA_URI_PREFIX: &[u8] = b"data:image/jpeg;base64,";
+
+/// The largest upload `storage.accept_base64` lets in: the base64 text of a `max_bytes` image, with a data
+/// URI's prefix and a little room for a trailing newline.
+pub fn base64_limit(max_bytes: usize) -> usize {
+    max_bytes.div_ceil(3).saturating_mul(4) + DATA_URI_PREFIX.len() + 8
+}
+
+/// The JPEG that a base64 text stands for (`storage.accept_base64`): standard alphabet, padding optional,
+/// optionally after `data:image/jpeg;base64,`, whitespace around it ignored. `Ok(None)` when the payload is
+/// raw bytes, not base64, or base64 of something that is not a JPEG: it is then judged as it is (and
+/// quarantined). An image over `max_bytes` once decoded is refused before anything is decoded.
+pub fn decode_base64_image(payload: &[u8], max_bytes: usize) -> Result<Option<Vec<u8>>, Rejection> {
+    use base64::Engine as _;
+    const ENGINE: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    if payload.starts_with(&[0xFF, 0xD8]) {
+        return Ok(None);
+    }
+    let text = payload.trim_ascii();
+    let text = match text.get(..DATA_URI_PREFIX.len()) {
+        Some(p) if p.eq_ignore_ascii_case(DATA_URI_PREFIX) => &text[DATA_URI_PREFIX.len()..],
+        _ => text,
+    };
+    // The decoded size of valid text, known before a byte is decoded.
+    let unpadded = text.len() - text.iter().rev().take_while(|b| **b == b'=').count();
+    let decoded = unpadded / 4 * 3 + (unpadded % 4).saturating_sub(1);
+    if decoded > max_bytes {
+        return Err(Rejection::TooLarge {
+            bytes: decoded,
+            max: max_bytes,
+        });
+    }
+    let Ok(jpeg) = ENGINE.decode(text) else {
+        return Ok(None);
+    };
+    Ok(check_image(&jpeg, max_bytes).is_ok().then_some(jpeg))
+}
+
 /// Hands out names from a template: within a second (when the template names the second) or for good
 /// (when it does not) it counts up, so a burst costs one rename each instead of a probe through every taken
 /// name. `RENAME_NOREPLACE` stays the guard against files it does not know of.
@@ -590,6 +633,45 @@ mod tests {
 
     fn images() -> Namer {
         Namer::new(Template::default())
+    }
+
+    #[test]
+    fn base64_text_and_a_data_uri_decode_to_their_jpeg_and_anything_else_is_judged_as_it_is() {
+        use base64::Engine as _;
+        let jpeg = b"\xFF\xD8\xFF\xE0 a small image \xFF\xD9".to_vec();
+        let text = base64::engine::general_purpose::STANDARD.encode(&jpeg);
+        let unpadded = text.trim_end_matches('=').to_string();
+        for payload in [
+            text.clone(),
+            format!("{text}\n"),
+            unpadded,
+            format!("data:image/jpeg;base64,{text}"),
+            format!("DATA:image/JPEG;base64,{text}"),
+        ] {
+            assert_eq!(
+                decode_base64_image(payload.as_bytes(), 1000),
+                Ok(Some(jpeg.clone())),
+                "{payload:?}"
+            );
+        }
+        let not_jpeg = base64::engine::general_purpose::STANDARD.encode(b"GIF89a, not a JPEG");
+        assert_eq!(decode_base64_image(not_jpeg.as_bytes(), 1000), Ok(None));
+        assert_eq!(decode_base64_image(b"not base64 at all!", 1000), Ok(None));
+        assert_eq!(decode_base64_image(&jpeg, 1000), Ok(None), "raw JPEG bytes");
+        assert_eq!(
+            decode_base64_image(text.as_bytes(), jpeg.len()),
+            Ok(Some(jpeg.clone())),
+            "exactly at the limit"
+        );
+        assert_eq!(
+            decode_base64_image(text.as_bytes(), jpeg.len() - 1),
+            Err(Rejection::TooLarge {
+                bytes: jpeg.len(),
+                max: jpeg.len() - 1
+            }),
+            "over it once decoded, refused before decoding"
+        );
+        assert!(base64_limit(jpeg.len()) >= format!("data:image/jpeg;base64,{text}\n").len());
     }
 
     #[test]

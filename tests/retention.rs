@@ -144,7 +144,8 @@ fn max_size_keeps_three_cameras_within_one_image_under_the_limit_with_the_newest
 }
 
 /// The outbox a kill -9 leaves between an image's acknowledgement and its republish's confirmation: the
-/// index records of `names` without their confirmation.
+/// index records of `names` without their confirmation, written as the version before image origins did
+/// (`S`), so these tests run the upgrade too.
 fn unconfirm(state: &Path, names: &HashSet<String>) {
     let path = state.join("index.log");
     let text = std::fs::read_to_string(&path).unwrap();
@@ -154,7 +155,7 @@ fn unconfirm(state: &Path, names: &HashSet<String>) {
     for line in text.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         match fields[0] {
-            "S" | "C" if names.contains(fields[3]) => {
+            "S" | "C" | "I" if names.contains(fields[3]) => {
                 hashes.insert(fields[1].to_string());
                 out += &record(format!("S {} {} {}", fields[1], fields[2], fields[3]));
             }
@@ -627,7 +628,7 @@ fn unconfirmed_in_index(state: &Path) -> Vec<String> {
     for line in text.lines() {
         let f: Vec<&str> = line.split(' ').collect();
         match f[0] {
-            "S" => {
+            "S" | "I" => {
                 stored.insert(f[1].into(), (f[3].into(), false));
             }
             "C" => {

@@ -41,6 +41,7 @@ pub struct Config {
     pub retention: Retention,
     pub limits: Limits,
     pub log: Log,
+    pub homeassistant: HomeAssistant,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -79,7 +80,23 @@ pub struct Tls {
 #[serde(deny_unknown_fields, default)]
 pub struct Topics {
     pub upload: String,
+    /// May contain `{camera}` as a whole level: each camera's images on a topic of their own.
     pub stored: String,
+    /// Republishes are retained: a late viewer gets each stored topic's latest image at once.
+    pub retain_stored: bool,
+    /// One JSON message per stored image; "" = off.
+    pub events: String,
+    /// Retained `online`/`offline` (the last will), with `<status>/stats` beside it; `{client_id}` is
+    /// replaced; "" = off.
+    pub status: String,
+}
+
+/// Home Assistant's MQTT discovery.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HomeAssistant {
+    pub enabled: bool,
+    pub discovery_prefix: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -98,6 +115,8 @@ pub struct Storage {
     pub path: Template,
     /// The most rejected payloads the quarantine keeps; the oldest go first.
     pub quarantine_max_size: Size,
+    /// Also take the base64 text of a JPEG (optionally a `data:image/jpeg;base64,` URI) and store the JPEG.
+    pub accept_base64: bool,
 }
 
 /// What imaged deletes to keep running: the oldest images first, never one whose republish is pending.
@@ -161,6 +180,18 @@ impl Default for Topics {
         Topics {
             upload: "image/upload".into(),
             stored: "image/stored".into(),
+            retain_stored: false,
+            events: String::new(),
+            status: "imaged/{client_id}/status".into(),
+        }
+    }
+}
+
+impl Default for HomeAssistant {
+    fn default() -> Self {
+        HomeAssistant {
+            enabled: false,
+            discovery_prefix: "homeassistant".into(),
         }
     }
 }
@@ -177,6 +208,7 @@ impl Default for Storage {
             dedup_window: 100_000,
             path: Template::default(),
             quarantine_max_size: Size(100_000_000),
+            accept_base64: false,
         }
     }
 }
@@ -277,15 +309,23 @@ impl Config {
     /// Parses and validates config text; `path` only names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = parse_toml(text, path)?;
+        let derived = config.broker.client_id.is_none();
         config.validate().map_err(|e| ConfigError {
             file: path.into(),
             line: line_of_key(text, &e.key),
             key: Some(e.key),
             message: e.message,
         })?;
-        if config.broker.client_id.is_none() {
+        if derived {
             config.broker.client_id = Some(default_client_id());
         }
+        // The status topic names the client id: checked once that is known.
+        config.check_status_topic().map_err(|e| ConfigError {
+            file: path.into(),
+            line: line_of_key(text, &e.key),
+            key: Some(e.key),
+            message: e.message,
+        })?;
         config.path = path.into();
         Ok(config)
     }
@@ -295,7 +335,39 @@ impl Config {
         self.broker.validate()?;
         self.topics.validate()?;
         self.storage.validate()?;
-        self.limits.validate()
+        self.limits.validate()?;
+        self.homeassistant.validate(&self.topics)
+    }
+
+    /// `topics.status` with the client id in it: a topic imaged may publish on, outside `topics.upload`.
+    fn check_status_topic(&self) -> Result<(), KeyError> {
+        let Some(status) = self.status_topic() else {
+            return Ok(());
+        };
+        for topic in [status.clone(), format!("{status}/stats")] {
+            if let Err(why) = check_topic_name(&topic) {
+                return Err(KeyError::new(
+                    "topics.status",
+                    format!("{topic:?} is not a valid MQTT topic name: {why}"),
+                ));
+            }
+            if topic_matches(&self.topics.upload, &topic) {
+                return Err(KeyError::new(
+                    "topics.status",
+                    format!(
+                        "{topic:?} matches topics.upload {:?}: imaged would take its own status for an upload",
+                        self.topics.upload
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `topics.status` with `{client_id}` replaced; `None` when it is off.
+    pub fn status_topic(&self) -> Option<String> {
+        (!self.topics.status.is_empty())
+            .then(|| self.topics.status.replace("{client_id}", self.client_id()))
     }
 
     /// A problem with a key of this config found after parsing (a password file that cannot be read, say),
@@ -337,7 +409,12 @@ impl Config {
 
     /// The largest packet imaged accepts or sends: one image plus room for its topic and header.
     pub fn max_packet_bytes(&self) -> usize {
-        (self.storage.max_image_bytes + PACKET_OVERHEAD).min(MQTT_MAX_PACKET)
+        let payload = if self.storage.accept_base64 {
+            crate::storage::base64_limit(self.storage.max_image_bytes)
+        } else {
+            self.storage.max_image_bytes
+        };
+        (payload + PACKET_OVERHEAD).min(MQTT_MAX_PACKET)
     }
 }
 
@@ -412,19 +489,99 @@ impl Topics {
                 format!("{:?} is not a valid MQTT topic filter: {why}", self.upload),
             ));
         }
-        if let Err(why) = check_topic_name(&self.stored) {
-            return Err(KeyError::new(
-                "topics.stored",
-                format!("{:?} is not a valid MQTT topic name: {why}", self.stored),
-            ));
-        }
-        if topic_matches(&self.upload, &self.stored) {
+        let stored = &self.stored;
+        let levels: Vec<&str> = stored.split('/').collect();
+        if levels.iter().any(|l| l.contains(CAMERA) && *l != CAMERA) {
             return Err(KeyError::new(
                 "topics.stored",
                 format!(
-                    "{:?} matches topics.upload {:?}: imaged would store its own republished images again",
-                    self.stored, self.upload
+                    "{stored:?}: {CAMERA} must be a whole level (e.g. \"image/stored/{CAMERA}\")"
                 ),
+            ));
+        }
+        if let Err(why) = check_topic_name(&stored.replace(CAMERA, "camera")) {
+            return Err(KeyError::new(
+                "topics.stored",
+                format!("{stored:?} is not a valid MQTT topic name: {why}"),
+            ));
+        }
+        if may_match_stored(&self.upload.split('/').collect::<Vec<_>>(), &levels) {
+            return Err(KeyError::new(
+                "topics.stored",
+                format!(
+                    "{stored:?} matches topics.upload {:?}: imaged would store its own republished images again",
+                    self.upload
+                ),
+            ));
+        }
+        if !self.events.is_empty() {
+            if let Err(why) = check_topic_name(&self.events) {
+                return Err(KeyError::new(
+                    "topics.events",
+                    format!("{:?} is not a valid MQTT topic name: {why}", self.events),
+                ));
+            }
+            if topic_matches(&self.upload, &self.events) {
+                return Err(KeyError::new(
+                    "topics.events",
+                    format!(
+                        "{:?} matches topics.upload {:?}: imaged would take its own events for uploads",
+                        self.events, self.upload
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The placeholder of `topics.stored` for the camera (as in `storage.path`).
+pub const CAMERA: &str = "{camera}";
+
+/// Whether the upload filter's levels match some topic the stored template's levels can become, where a
+/// `{camera}` level stands for one level or more (a `#` or several wildcards in the filter name a camera
+/// of several levels).
+fn may_match_stored(filter: &[&str], stored: &[&str]) -> bool {
+    match (filter.first(), stored.first()) {
+        (Some(&"#"), _) => true,
+        (None, None) => true,
+        (None, Some(_)) | (Some(_), None) => false,
+        // A camera level is a safe name: any filter level may equal it.
+        (Some(_), Some(&CAMERA)) => {
+            may_match_stored(&filter[1..], &stored[1..]) || may_match_stored(&filter[1..], stored)
+        }
+        (Some(f), Some(s)) => (*f == "+" || f == s) && may_match_stored(&filter[1..], &stored[1..]),
+    }
+}
+
+impl HomeAssistant {
+    fn validate(&self, topics: &Topics) -> Result<(), KeyError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let prefix = &self.discovery_prefix;
+        if let Err(why) = check_topic_name(prefix) {
+            return Err(KeyError::new(
+                "homeassistant.discovery_prefix",
+                format!("{prefix:?} is not a valid MQTT topic name: {why}"),
+            ));
+        }
+        // Home Assistant's birth message comes on <prefix>/status: it must not be taken for an upload.
+        let mut under_prefix: Vec<&str> = prefix.split('/').collect();
+        under_prefix.push(CAMERA);
+        if may_match_stored(&topics.upload.split('/').collect::<Vec<_>>(), &under_prefix) {
+            return Err(KeyError::new(
+                "homeassistant.discovery_prefix",
+                format!(
+                    "topics.upload {:?} matches topics under {prefix:?}: imaged would take Home Assistant's messages for uploads",
+                    topics.upload
+                ),
+            ));
+        }
+        if topics.status.is_empty() {
+            return Err(KeyError::new(
+                "homeassistant.enabled",
+                "needs topics.status: the device's availability and its sensors come from it",
             ));
         }
         Ok(())
@@ -701,6 +858,68 @@ mod tests {
         let err = parse("[storage]\ndir = \"/srv/img\"\nstate_dir = \"/srv/img\"\n").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("storage.state_dir"));
         assert_eq!(err.line, Some(3));
+    }
+
+    #[test]
+    fn a_stored_topic_per_camera_is_refused_only_where_uploads_could_land_on_it() {
+        let ok = |upload: &str, stored: &str| {
+            parse(&format!(
+                "[topics]\nupload = \"{upload}\"\nstored = \"{stored}\"\n"
+            ))
+        };
+        assert!(ok("image/upload/+", "image/stored/{camera}").is_ok());
+        assert!(ok("cam/+/upload", "cam/{camera}/stored").is_ok());
+        assert!(ok("image/#", "image/{camera}").is_err());
+        assert!(ok("image/+/x", "image/{camera}/x").is_err());
+        // A camera can span levels: the filter's # can meet a deeper stored topic.
+        assert!(ok("a/+/+/b", "a/{camera}/b").is_err());
+        for bad in ["image/cam-{camera}", "image/+/{camera}"] {
+            let err = ok("image/upload", bad).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some("topics.stored"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn events_and_status_topics_must_be_topics_outside_the_upload_filter() {
+        let err =
+            parse("[topics]\nupload = \"imaged/#\"\nstored = \"x\"\nevents = \"imaged/events\"\n")
+                .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("topics.events"));
+        let err = parse("[topics]\nevents = \"imaged/+\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("topics.events"));
+        let err = parse("[topics]\nupload = \"imaged/#\"\nstored = \"x\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("topics.status"));
+        let config = parse("[broker]\nclient_id = \"cam-host\"\n").unwrap();
+        assert_eq!(
+            config.status_topic().as_deref(),
+            Some("imaged/cam-host/status")
+        );
+        let config = parse("[topics]\nstatus = \"\"\n").unwrap();
+        assert_eq!(config.status_topic(), None);
+        let err = parse("[broker]\nclient_id = \"a+b\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("topics.status"));
+    }
+
+    #[test]
+    fn home_assistant_needs_the_status_topic_and_its_own_topics_apart_from_uploads() {
+        assert!(parse("[homeassistant]\nenabled = true\n").is_ok());
+        let err = parse("[homeassistant]\nenabled = true\n[topics]\nstatus = \"\"\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("homeassistant.enabled"));
+        let err = parse(
+            "[homeassistant]\nenabled = true\n[topics]\nupload = \"+/status\"\nstored = \"x/y/z\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("homeassistant.discovery_prefix"));
+    }
+
+    #[test]
+    fn accepting_base64_makes_room_in_the_packet_for_the_text_of_the_largest_image() {
+        let raw = parse("[storage]\nmax_image_bytes = 3000\n").unwrap();
+        let text = parse("[storage]\nmax_image_bytes = 3000\naccept_base64 = true\n").unwrap();
+        assert_eq!(raw.max_packet_bytes(), 3000 + PACKET_OVERHEAD);
+        assert!(
+            text.max_packet_bytes() >= 4000 + "data:image/jpeg;base64,".len() + PACKET_OVERHEAD
+        );
     }
 
     #[test]

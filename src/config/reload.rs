@@ -1,7 +1,7 @@
 //! What a reload (SIGHUP, `systemctl reload imaged`) changes: the keys that apply at once, and those that
 //! keep their old values until a restart (they shape the connection, the folders or the memory bounds).
 
-use super::{Broker, Config, Limits, Log, Retention, Storage, Topics};
+use super::{Broker, Config, HomeAssistant, Limits, Log, Retention, Storage, Topics};
 
 /// A new config, measured against the running one.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +16,10 @@ pub struct Plan {
 
 /// Sorts the keys that differ between `running` and `new` into the two classes. Every key is named here,
 /// so that a key added to the config does not compile until it is given its class.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one line per config key: a key added to the config is classified here"
+)]
 pub fn plan(running: &Config, new: &Config) -> Plan {
     let mut config = running.clone();
     config.path.clone_from(&new.path);
@@ -43,6 +47,7 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
         retention,
         limits,
         log,
+        homeassistant,
     } = new;
     let Broker {
         host,
@@ -68,9 +73,19 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
     // TLS is read once, as a whole, when the client is built.
     key!(restart broker.tls);
 
-    let Topics { upload, stored } = topics;
+    let Topics {
+        upload,
+        stored,
+        retain_stored,
+        events,
+        status,
+    } = topics;
     key!(now topics.upload);
     key!(now topics.stored);
+    key!(now topics.retain_stored);
+    key!(now topics.events);
+    // The status topic is the last will's, which is set when the client is built.
+    key!(restart topics.status);
 
     let Storage {
         dir,
@@ -82,6 +97,7 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
         dedup_window,
         path,
         quarantine_max_size,
+        accept_base64,
     } = storage;
     key!(restart storage.dir);
     key!(restart storage.quarantine_dir);
@@ -93,6 +109,8 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
     key!(restart storage.dedup_window);
     key!(now storage.path);
     key!(restart storage.quarantine_max_size);
+    // It sets the MQTT client's packet limit, like max_image_bytes.
+    key!(restart storage.accept_base64);
 
     let Retention {
         max_size,
@@ -112,6 +130,14 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
 
     let Log { level } = log;
     key!(now log.level);
+
+    // Discovery subscribes to Home Assistant's birth topic and announces on the status topic: a restart.
+    let HomeAssistant {
+        enabled,
+        discovery_prefix,
+    } = homeassistant;
+    key!(restart homeassistant.enabled);
+    key!(restart homeassistant.discovery_prefix);
 
     Plan {
         config,
@@ -163,6 +189,30 @@ mod tests {
         );
         assert!(plan.restart.is_empty());
         assert_eq!(plan.config, new);
+    }
+
+    #[test]
+    fn of_the_consumer_keys_retain_and_events_apply_at_once_and_status_home_assistant_and_base64_wait(
+    ) {
+        let old = parse("");
+        let new = parse(
+            "[topics]\nretain_stored = true\nevents = \"imaged/events\"\nstatus = \"cams/{client_id}\"\n\
+             [storage]\naccept_base64 = true\n[homeassistant]\nenabled = true\ndiscovery_prefix = \"ha\"\n",
+        );
+        let plan = plan(&old, &new);
+        assert_eq!(plan.applied, ["topics.retain_stored", "topics.events"]);
+        assert_eq!(
+            plan.restart,
+            [
+                "topics.status",
+                "storage.accept_base64",
+                "homeassistant.enabled",
+                "homeassistant.discovery_prefix"
+            ]
+        );
+        assert_eq!(plan.config.topics.events, "imaged/events");
+        assert_eq!(plan.config.topics.status, old.topics.status);
+        assert!(!plan.config.storage.accept_base64 && !plan.config.homeassistant.enabled);
     }
 
     #[test]

@@ -3,10 +3,20 @@
 //! Each line is a record with its own CRC-32:
 //!
 //! ```text
-//! S <sha256> <size> <name> <crc>   the image with this content is stored as <name> (republish pending)
-//! P <sha256> <crc>                 its republish was confirmed by the broker
-//! C <sha256> <size> <name> <crc>   both at once, as compaction writes them
+//! I <sha256> <size> <name> <received_ms> <camera> <topic hex> <crc>
+//!                                  the image with this content is stored as <name>, from <topic> (its
+//!                                  publishes are pending: the republish, and the event when events are on)
+//! S <sha256> <size> <name> <crc>   the same without where it came from, as versions before 0.2 wrote it
+//! P <sha256> <crc>                 its publishes were confirmed by the broker
+//! C <sha256> <size> <name> <crc>   stored and confirmed at once, as compaction writes it
 //! ```
+//!
+//! An `I` record carries what a publish after a restart needs: the camera names its stored topic, and the
+//! event names the upload topic and the receive time. One entry stands for all publishes of its image: it is
+//! confirmed (`P`) only once the broker has confirmed each of them, so there is one outbox and one rule for
+//! it; after a crash every publish of a pending entry goes out again (at least once, as QoS 1 promises). An
+//! `S` record of an earlier version is republished with the camera [`layout::DEFAULT_CAMERA`] and no event:
+//! where it came from was never recorded.
 //!
 //! An `S` record is fsynced *before* the image's temp file is renamed to `<name>`, so after a crash every
 //! stored image has its record. An unconfirmed record whose file is missing, or holds other bytes (the name
@@ -28,6 +38,17 @@ use sha2::{Digest, Sha256};
 
 use crate::storage::{self, hex, Context, PathError};
 
+/// Where and when a stored image came from: what its publishes need after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// Receive time, Unix ms.
+    pub at_ms: u64,
+    /// As [`crate::layout::camera`] names it: safe levels joined by `/`, never empty.
+    pub camera: String,
+    /// The upload topic.
+    pub topic: String,
+}
+
 pub type Hash = [u8; 32];
 
 pub const FILE_NAME: &str = "index.log";
@@ -40,6 +61,8 @@ pub enum Record {
         size: u64,
         name: String,
         confirmed: bool,
+        /// Written for pending entries (`I`); `None` for `S` and `C` records.
+        origin: Option<Origin>,
     },
     Confirmed {
         hash: Hash,
@@ -54,7 +77,21 @@ impl Record {
                 hash,
                 size,
                 name,
+                confirmed: false,
+                origin: Some(o),
+            } => format!(
+                "I {} {size} {name} {} {} {}",
+                hex(hash),
+                o.at_ms,
+                o.camera,
+                hex(o.topic.as_bytes())
+            ),
+            Record::Stored {
+                hash,
+                size,
+                name,
                 confirmed,
+                ..
             } => {
                 format!(
                     "{} {} {size} {name}",
@@ -83,6 +120,29 @@ impl Record {
                     size,
                     name,
                     confirmed: kind == "C",
+                    origin: None,
+                }
+            }
+            "I" => {
+                let hash = storage::parse_hash(fields.next()?)?;
+                let size = fields.next()?.parse().ok()?;
+                let name = fields.next()?.to_string();
+                let at_ms = fields.next()?.parse().ok()?;
+                let camera = fields.next()?.to_string();
+                let topic = String::from_utf8(unhex(fields.next()?)?).ok()?;
+                if !storage::is_stored_name(&name) || camera.is_empty() {
+                    return None;
+                }
+                Record::Stored {
+                    hash,
+                    size,
+                    name,
+                    confirmed: false,
+                    origin: Some(Origin {
+                        at_ms,
+                        camera,
+                        topic,
+                    }),
                 }
             }
             "P" => Record::Confirmed {
@@ -94,12 +154,40 @@ impl Record {
     }
 }
 
+/// Bytes from lowercase hex, as [`hex`] writes them.
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            let pair = s.get(i..i + 2)?;
+            // from_str_radix takes a sign and upper case; hex writes neither.
+            pair.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                .then(|| u8::from_str_radix(pair, 16).ok())?
+        })
+        .collect()
+}
+
 /// What the index knows of one stored image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub name: String,
     pub size: u64,
     pub confirmed: bool,
+    /// Kept while its publishes are pending (dropped once confirmed: dedup needs only name and size).
+    pub origin: Option<Origin>,
+}
+
+/// A new image for [`Index::record_stored`].
+#[derive(Debug, Clone)]
+pub struct NewImage {
+    pub hash: Hash,
+    pub size: u64,
+    pub name: String,
+    pub origin: Option<Origin>,
 }
 
 /// The state a log describes, rebuilt from its records in order.
@@ -144,6 +232,7 @@ fn apply(state: &mut Replayed, record: Record) {
             size,
             name,
             confirmed,
+            origin,
         } => {
             if state
                 .entries
@@ -153,6 +242,7 @@ fn apply(state: &mut Replayed, record: Record) {
                         name,
                         size,
                         confirmed,
+                        origin,
                     },
                 )
                 .is_none()
@@ -163,6 +253,7 @@ fn apply(state: &mut Replayed, record: Record) {
         Record::Confirmed { hash } => {
             if let Some(entry) = state.entries.get_mut(&hash) {
                 entry.confirmed = true;
+                entry.origin = None;
             }
         }
     }
@@ -189,7 +280,7 @@ pub struct Recovery {
     pub torn_bytes: u64,
     /// Records whose file is missing: renames a crash undid.
     pub dropped: Vec<String>,
-    /// Stored images whose republish was never confirmed, oldest first.
+    /// Stored images whose publishes were never confirmed, oldest first.
     pub unconfirmed: Vec<(Hash, String)>,
 }
 
@@ -296,28 +387,30 @@ impl Index {
 
     /// Makes `Stored` records durable (one write, one fsync), then remembers them. On error nothing is
     /// remembered and the file is cut back, so a retry starts clean.
-    pub fn record_stored(&mut self, stored: &[(Hash, u64, String)]) -> Result<(), PathError> {
+    pub fn record_stored(&mut self, stored: &[NewImage]) -> Result<(), PathError> {
         let text: String = stored
             .iter()
-            .map(|(hash, size, name)| {
+            .map(|image| {
                 Record::Stored {
-                    hash: *hash,
-                    size: *size,
-                    name: name.clone(),
+                    hash: image.hash,
+                    size: image.size,
+                    name: image.name.clone(),
                     confirmed: false,
+                    origin: image.origin.clone(),
                 }
                 .encode()
             })
             .collect();
         self.append(text.as_bytes(), true)?;
-        for (hash, size, name) in stored {
+        for image in stored {
             let entry = Entry {
-                name: name.clone(),
-                size: *size,
+                name: image.name.clone(),
+                size: image.size,
                 confirmed: false,
+                origin: image.origin.clone(),
             };
-            if self.entries.insert(*hash, entry).is_none() {
-                self.order.push_back(*hash);
+            if self.entries.insert(image.hash, entry).is_none() {
+                self.order.push_back(image.hash);
             }
         }
         self.records += stored.len();
@@ -325,13 +418,15 @@ impl Index {
         self.maybe_compact()
     }
 
-    /// Notes confirmed republishes. Not fsynced: a lost `P` costs one more republish after a crash.
+    /// Notes images whose publishes are all confirmed. Not fsynced: a lost `P` costs one more republish (and
+    /// event) after a crash.
     pub fn record_confirmed(&mut self, hashes: &[Hash]) -> Result<(), PathError> {
         let mut text = String::new();
         for hash in hashes {
             if let Some(entry) = self.entries.get_mut(hash) {
                 if !entry.confirmed {
                     entry.confirmed = true;
+                    entry.origin = None;
                     text.push_str(&Record::Confirmed { hash: *hash }.encode());
                     self.records += 1;
                 }
@@ -418,6 +513,7 @@ impl Index {
                     size: e.size,
                     name: e.name.clone(),
                     confirmed: e.confirmed,
+                    origin: e.origin.clone(),
                 };
                 text.push_str(&record.encode());
             }
@@ -499,6 +595,16 @@ mod tests {
         [n; 32]
     }
 
+    /// An image as an earlier version recorded it: no origin.
+    fn img(hash: Hash, size: u64, name: impl Into<String>) -> NewImage {
+        NewImage {
+            hash,
+            size,
+            name: name.into(),
+            origin: None,
+        }
+    }
+
     fn sha(bytes: &[u8]) -> Hash {
         Sha256::digest(bytes).into()
     }
@@ -521,6 +627,7 @@ mod tests {
                 size: 1234,
                 name: "image_20261125-165005-2.jpg".into(),
                 confirmed: false,
+                origin: None,
             },
             Record::Confirmed { hash: h(9) },
             Record::Stored {
@@ -528,6 +635,7 @@ mod tests {
                 size: 1,
                 name: "a.jpg".into(),
                 confirmed: true,
+                origin: None,
             },
         ];
         for record in records {
@@ -544,6 +652,7 @@ mod tests {
             size: 5,
             name: "a.jpg".into(),
             confirmed: false,
+            origin: None,
         }
         .encode();
         let mut bytes = line.trim_end().as_bytes().to_vec();
@@ -562,6 +671,7 @@ mod tests {
             size: 1,
             name: "a.jpg".into(),
             confirmed: false,
+            origin: None,
         }
         .encode();
         log += "S garbage that is not a record\n";
@@ -570,6 +680,7 @@ mod tests {
             size: 2,
             name: "b.jpg".into(),
             confirmed: false,
+            origin: None,
         }
         .encode();
         log += &Record::Confirmed { hash: h(1) }.encode();
@@ -579,6 +690,7 @@ mod tests {
             size: 3,
             name: "c.jpg".into(),
             confirmed: false,
+            origin: None,
         }
         .encode()[..20];
         let replayed = replay(log.as_bytes()).unwrap();
@@ -608,7 +720,7 @@ mod tests {
             n in 1usize..20, cut in proptest::num::usize::ANY, flip in proptest::num::usize::ANY,
         ) {
             let records: Vec<Record> = (0..n)
-                .map(|i| Record::Stored { hash: [u8::try_from(i).unwrap(); 32], size: i as u64, name: format!("{i}.jpg"), confirmed: false })
+                .map(|i| Record::Stored { hash: [u8::try_from(i).unwrap(); 32], size: i as u64, name: format!("{i}.jpg"), confirmed: false, origin: None })
                 .collect();
             let mut log: Vec<u8> = records.iter().flat_map(|r| r.encode().into_bytes()).collect();
             log.truncate(cut % (log.len() + 1));
@@ -634,6 +746,7 @@ mod tests {
             size: 1,
             name: "../../etc/passwd".into(),
             confirmed: false,
+            origin: None,
         }
         .encode();
         assert_eq!(Record::decode(line.trim_end().as_bytes()), None);
@@ -649,9 +762,9 @@ mod tests {
             let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
             index
                 .record_stored(&[
-                    (sha(b"aa"), 2, "a.jpg".into()),
-                    (sha(b"bb"), 2, "b.jpg".into()),
-                    (sha(b"ccc"), 3, "c.jpg".into()),
+                    img(sha(b"aa"), 2, "a.jpg"),
+                    img(sha(b"bb"), 2, "b.jpg"),
+                    img(sha(b"ccc"), 3, "c.jpg"),
                 ])
                 .unwrap();
             index.record_confirmed(&[sha(b"ccc")]).unwrap();
@@ -676,6 +789,87 @@ mod tests {
         assert_eq!(again.unconfirmed.len(), 1);
     }
 
+    fn origin(camera: &str) -> Origin {
+        Origin {
+            at_ms: 1_795_000_000_123,
+            camera: camera.into(),
+            topic: format!("image/upload/{camera} with spaces\nand a newline"),
+        }
+    }
+
+    #[test]
+    fn an_image_records_where_it_came_from_until_its_publishes_are_confirmed() {
+        let record = Record::Stored {
+            hash: h(4),
+            size: 9,
+            name: "cam1/a.jpg".into(),
+            confirmed: false,
+            origin: Some(origin("cam1")),
+        };
+        let line = record.encode();
+        assert!(line.starts_with("I "), "{line}");
+        assert_eq!(line.matches('\n').count(), 1, "the topic is hex: one line");
+        assert_eq!(Record::decode(line.trim_end().as_bytes()), Some(record));
+        for bad in ["I x", "I 00 1 a.jpg 5 cam 6", "I 00 1 a.jpg 5 cam 6g"] {
+            assert_eq!(
+                Record::decode(storage::checked_line(bad).trim_end().as_bytes()),
+                None
+            );
+        }
+        assert_eq!(unhex("41Aa"), None, "only lower-case hex");
+        assert_eq!(unhex("+1"), None);
+    }
+
+    #[test]
+    fn an_outbox_an_earlier_version_wrote_still_recovers_beside_new_records() {
+        let images = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        fs::write(images.path().join("old.jpg"), b"old").unwrap();
+        fs::write(images.path().join("new.jpg"), b"new").unwrap();
+        // What the version before origins wrote: S and C records.
+        let old = Record::Stored {
+            hash: sha(b"old"),
+            size: 3,
+            name: "old.jpg".into(),
+            confirmed: false,
+            origin: None,
+        }
+        .encode();
+        assert!(old.starts_with("S "));
+        fs::write(state.path().join(FILE_NAME), &old).unwrap();
+        {
+            let (mut index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
+            assert_eq!(
+                recovery.unconfirmed,
+                vec![(sha(b"old"), "old.jpg".to_string())]
+            );
+            assert_eq!(index.get(&sha(b"old")).unwrap().origin, None);
+            index
+                .record_stored(&[NewImage {
+                    hash: sha(b"new"),
+                    size: 3,
+                    name: "new.jpg".into(),
+                    origin: Some(origin("cam1")),
+                }])
+                .unwrap();
+            // Compaction keeps a pending entry's origin.
+            index.compact().unwrap();
+        }
+        let (mut index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
+        assert_eq!(recovery.unconfirmed.len(), 2);
+        assert_eq!(index.get(&sha(b"old")).unwrap().origin, None);
+        assert_eq!(
+            index.get(&sha(b"new")).unwrap().origin,
+            Some(origin("cam1"))
+        );
+        // Once confirmed, dedup needs only name and size.
+        index.record_confirmed(&[sha(b"new")]).unwrap();
+        assert_eq!(index.get(&sha(b"new")).unwrap().origin, None);
+        drop(index);
+        let (index, _) = Index::open(state.path(), images.path(), 100).unwrap();
+        assert!(index.get(&sha(b"new")).unwrap().confirmed);
+    }
+
     #[test]
     fn the_window_forgets_old_confirmed_images_but_never_the_outbox() {
         let images = tempfile::tempdir().unwrap();
@@ -683,7 +877,7 @@ mod tests {
         let (mut index, _) = Index::open(state.path(), images.path(), 3).unwrap();
         for n in 0..10u8 {
             index
-                .record_stored(&[(h(n), 1, format!("{n}.jpg"))])
+                .record_stored(&[img(h(n), 1, format!("{n}.jpg"))])
                 .unwrap();
             if n % 2 == 0 {
                 index.record_confirmed(&[h(n)]).unwrap();
@@ -706,7 +900,7 @@ mod tests {
             hash[..2].copy_from_slice(&n.to_be_bytes());
             fs::write(images.path().join(format!("{n}.jpg")), b"x").unwrap();
             index
-                .record_stored(&[(hash, 1, format!("{n}.jpg"))])
+                .record_stored(&[img(hash, 1, format!("{n}.jpg"))])
                 .unwrap();
             index.record_confirmed(&[hash]).unwrap();
         }
@@ -729,7 +923,7 @@ mod tests {
         {
             let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
             index
-                .record_stored(&[(sha(b"the new"), 7, "image_1.jpg".into())])
+                .record_stored(&[img(sha(b"the new"), 7, "image_1.jpg")])
                 .unwrap();
         }
         let (index, recovery) = Index::open(state.path(), images.path(), 100).unwrap();
@@ -757,11 +951,11 @@ mod tests {
         }
         let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
         index
-            .record_stored(&[(sha(b"aaaa"), 4, "a.jpg".into())])
+            .record_stored(&[img(sha(b"aaaa"), 4, "a.jpg")])
             .unwrap();
         leave_fragment(state.path(), b"S 0102 torn");
         index
-            .record_stored(&[(sha(b"bbbb"), 4, "b.jpg".into())])
+            .record_stored(&[img(sha(b"bbbb"), 4, "b.jpg")])
             .unwrap();
         index.record_confirmed(&[sha(b"aaaa")]).unwrap();
         drop(index);
@@ -820,7 +1014,7 @@ mod tests {
         let log = state.path().join(FILE_NAME);
         let (mut index, _) = Index::open(state.path(), images.path(), 100).unwrap();
         index
-            .record_stored(&[(sha(b"aaaa"), 4, "a.jpg".into())])
+            .record_stored(&[img(sha(b"aaaa"), 4, "a.jpg")])
             .unwrap();
         leave_fragment(state.path(), b"S 0102 torn");
         if let Err(e) = set_append_only(&log, true) {
@@ -829,12 +1023,12 @@ mod tests {
         }
         let guard = AppendOnly(log);
         index
-            .record_stored(&[(sha(b"bbbb"), 4, "b.jpg".into())])
+            .record_stored(&[img(sha(b"bbbb"), 4, "b.jpg")])
             .unwrap();
         // Cutting works again: an append that trusted a stale length would now cut b's record off.
         drop(guard);
         index
-            .record_stored(&[(sha(b"cccc"), 4, "c.jpg".into())])
+            .record_stored(&[img(sha(b"cccc"), 4, "c.jpg")])
             .unwrap();
         drop(index);
 
@@ -861,7 +1055,7 @@ mod tests {
         let state = images.join(".imaged");
         let (mut index, _) = Index::open(&state, &images, 100).unwrap();
         index
-            .record_stored(&[(sha(b"aaaa"), 4, "a.jpg".into())])
+            .record_stored(&[img(sha(b"aaaa"), 4, "a.jpg")])
             .unwrap();
         // The committer's rename, and the folder's fsync before the ack.
         let temp = storage::write_temp(&images, b"aaaa", 0o640).unwrap();
@@ -885,6 +1079,7 @@ mod tests {
             size: 4,
             name: "a.jpg".into(),
             confirmed: false,
+            origin: None,
         };
         let Some(mut power) = storage::power_cut::Power::mount(|backing| {
             fs::create_dir_all(backing.join("images/.imaged")).unwrap();
@@ -901,6 +1096,7 @@ mod tests {
             size: 4,
             name: "a.jpg".into(),
             confirmed: true,
+            origin: None,
         };
         let temp = storage::write_temp(&state, compacted.encode().as_bytes(), 0o600).unwrap();
         temp.persist(state.join(FILE_NAME)).unwrap();
@@ -908,7 +1104,7 @@ mod tests {
         // The restart, and an image stored after it.
         let (mut index, _) = Index::open(&state, &images, 100).unwrap();
         index
-            .record_stored(&[(sha(b"bbbb"), 4, "b.jpg".into())])
+            .record_stored(&[img(sha(b"bbbb"), 4, "b.jpg")])
             .unwrap();
         let temp = storage::write_temp(&images, b"bbbb", 0o640).unwrap();
         storage::persist(temp, &images, "b.jpg").unwrap();

@@ -4,16 +4,20 @@
 //! [`session`] owns the broker connection and hands uploads to the [`pipeline`], whose threads write them
 //! and settle them against the [`index`] and list them in the retention catalog; [`retention`] deletes the
 //! oldest as `[retention]` says; [`health`] holds what the parts share about themselves, which [`systemd`]
-//! turns into READY, STATUS and watchdog pings; [`reload`] hands the parts what a new config changes;
-//! [`shutdown`] is the stop signal.
+//! turns into READY, STATUS and watchdog pings, and [`status`] into MQTT status, stats and Home Assistant
+//! discovery ([`homeassistant`]); [`consumers`] decides what is published per stored image; [`reload`]
+//! hands the parts what a new config changes; [`shutdown`] is the stop signal.
 
+mod consumers;
 mod health;
+mod homeassistant;
 mod index;
 mod pipeline;
 mod reload;
 mod retention;
 mod session;
 mod shutdown;
+mod status;
 mod systemd;
 
 pub use index::outbox_names;
@@ -95,6 +99,7 @@ async fn serve(config: Config, level: crate::logging::Level) -> Result<(), Error
             limits.inflight_images
         );
     }
+    let status = status::Settings::new(&config);
     let (client, eventloop) = mqtt::connect(
         &config.broker,
         config.client_id(),
@@ -103,6 +108,7 @@ async fn serve(config: Config, level: crate::logging::Level) -> Result<(), Error
             inflight,
             receive: u16::try_from(limits.inflight_images).unwrap_or(u16::MAX),
         },
+        status::Status::will(&status).as_ref(),
     )
     .map_err(|e| config.error(e))?;
     for warning in mqtt::local_broker_warnings(&config.broker.host, config.broker.port) {
@@ -118,10 +124,10 @@ async fn serve(config: Config, level: crate::logging::Level) -> Result<(), Error
             broker: broker_name.clone(),
             upload: config.topics.upload.clone(),
             stored: config.topics.stored.clone(),
+            status,
             max_images: limits.inflight_images,
             max_bytes: limits.inflight_bytes,
             republish_window: usize::from(inflight),
-            max_packet: config.max_packet_bytes(),
             keep_alive: Duration::from_secs(config.broker.keep_alive_secs),
             subscription_file: config.state_dir().join("subscription"),
             identity: format!("{}@{broker_name}", config.client_id()),
@@ -239,6 +245,7 @@ fn start_storage(
         writers: config.storage.writers,
         republish_images: inflight,
         republish_bytes: config.limits.inflight_bytes,
+        accept_base64: config.storage.accept_base64,
     };
     let pipeline = Pipeline::start(
         settings,
@@ -425,7 +432,12 @@ mod tests {
             let (mut index, _) = open_storage(&config).unwrap();
             // The committer's record and rename, then kill -9 before its fsync of the folder.
             index
-                .record_stored(&[(hash, image.len() as u64, "image_1.jpg".into())])
+                .record_stored(&[index::NewImage {
+                    hash,
+                    size: image.len() as u64,
+                    name: "image_1.jpg".into(),
+                    origin: None,
+                }])
                 .unwrap();
             let temp = storage::write_temp(&images, image, 0o640).unwrap();
             assert!(matches!(

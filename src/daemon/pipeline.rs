@@ -35,8 +35,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
+use super::consumers::{self, ImagePublishes};
 use super::health::{Beat, Health, Stats};
-use super::index::{Hash, Index};
+use super::index::{Hash, Index, NewImage, Origin};
 use super::retention::{self, Pending};
 use crate::backoff::Backoff;
 use crate::config::FreeSpace;
@@ -72,7 +73,7 @@ pub enum Inbox {
         bytes: usize,
         result: Result<storage::Written, PathError>,
     },
-    /// The broker acknowledged the republish of this image.
+    /// The broker acknowledged one publish of this image (its republish or its event).
     Confirmed(Hash),
     /// These republishes were lost with the broker session and must be sent again.
     Lost(Vec<(Hash, String)>),
@@ -91,15 +92,18 @@ pub enum Outcome {
         qos: QoS,
         bytes: usize,
     },
-    /// Publish this stored image on the stored topic.
+    /// Publish this stored image on its stored topic, and its event. Each publish's PUBACK comes back as
+    /// [`Inbox::Confirmed`].
     Republish {
         hash: Hash,
         name: String,
         payload: Bytes,
-        /// Its camera and receive time, while the committer still knows them (not for one read back from
-        /// the outbox).
+        publishes: ImagePublishes,
+        /// Its camera and receive time (none for an entry an earlier version left in the outbox).
         origin: Option<Origin>,
     },
+    /// A new image of `camera`, received at `at_ms` (Unix ms), is stored: for the status and Home Assistant.
+    Stored { camera: String, at_ms: u64 },
 }
 
 /// The settings a reload changes (see [`crate::config::reload`]).
@@ -111,6 +115,8 @@ pub struct Reloadable {
     /// Free space to keep on the storage filesystem (`None`: none); `retention.max_size` (0: none).
     pub min_free: Option<FreeSpace>,
     pub max_size: u64,
+    /// What is published for each stored image.
+    pub consumers: consumers::Settings,
 }
 
 #[derive(Debug, Clone)]
@@ -125,6 +131,8 @@ pub struct Settings {
     /// Bounds on republishes handed to the session and not yet confirmed.
     pub republish_images: usize,
     pub republish_bytes: usize,
+    /// `storage.accept_base64`.
+    pub accept_base64: bool,
 }
 
 /// What the committer shares with retention.
@@ -194,7 +202,6 @@ impl Pipeline {
                         hash,
                         name,
                         payload: None,
-                        origin: None,
                     })
                     .collect(),
                 ..Republishes::default()
@@ -324,7 +331,10 @@ struct Slot {
     camera: String,
     topic: String,
     at: DateTime<Utc>,
+    /// The image (decoded, for a base64 upload).
     payload: Bytes,
+    /// What the upload took in the session's read window: its payload as received.
+    received_bytes: usize,
     kind: Kind,
     /// Known once a writer has hashed it.
     hash: Option<Hash>,
@@ -334,6 +344,20 @@ struct Slot {
 }
 
 impl Slot {
+    /// The index record of this upload stored as `name`.
+    fn new_image(&self, hash: Hash, name: String) -> NewImage {
+        NewImage {
+            hash,
+            size: self.payload.len() as u64,
+            name,
+            origin: Some(Origin {
+                at_ms: u64::try_from(self.at.timestamp_millis()).unwrap_or(0),
+                camera: self.camera.clone(),
+                topic: self.topic.clone(),
+            }),
+        }
+    }
+
     /// Whether the commit can take it: written and, for a new image, recorded. A duplicate need not wait
     /// for its own copy, which is removed when its writer is done.
     fn ready(&self) -> bool {
@@ -352,14 +376,6 @@ struct Republish {
     name: String,
     /// `None` once it no longer fits in memory: read back from the stored file.
     payload: Option<Bytes>,
-    origin: Option<Origin>,
-}
-
-/// Where and when a stored image came in, for the properties of its MQTT 5 republish.
-#[derive(Debug, Clone)]
-pub struct Origin {
-    pub camera: String,
-    pub received_at: DateTime<Utc>,
 }
 
 struct Trouble {
@@ -375,8 +391,9 @@ struct Republishes {
     queue: VecDeque<Republish>,
     /// Bytes of the payloads `queue` holds in memory.
     queued_bytes: usize,
-    /// Handed to the session and not yet confirmed or lost: name and size.
-    outstanding: HashMap<Hash, (String, usize)>,
+    /// Handed to the session and not yet confirmed or lost: size, and how many of its publishes (republish,
+    /// event) the broker has yet to confirm.
+    outstanding: HashMap<Hash, (usize, u8)>,
     outstanding_bytes: usize,
     /// Confirmed by the broker, not yet noted in the index.
     confirmed: Vec<Hash>,
@@ -500,21 +517,28 @@ impl Committer {
                 }
             }
             Inbox::Confirmed(hash) => {
-                if let Some((_, bytes)) = self.republishes.outstanding.remove(&hash) {
-                    self.republishes.outstanding_bytes -= bytes;
+                // The entry is done once every publish of it is confirmed.
+                if let Some((bytes, left)) = self.republishes.outstanding.get_mut(&hash) {
+                    *left = left.saturating_sub(1);
+                    if *left > 0 {
+                        return false;
+                    }
+                    self.republishes.outstanding_bytes -= *bytes;
+                    self.republishes.outstanding.remove(&hash);
                 }
                 self.republishes.confirmed.push(hash);
             }
             Inbox::Lost(lost) => {
+                // All publishes of an image go out again, also one already confirmed: one outbox entry.
                 for (hash, name) in lost.into_iter().rev() {
-                    if let Some((_, bytes)) = self.republishes.outstanding.remove(&hash) {
-                        self.republishes.outstanding_bytes -= bytes;
-                    }
+                    let Some((bytes, _)) = self.republishes.outstanding.remove(&hash) else {
+                        continue; // its other publish was lost too
+                    };
+                    self.republishes.outstanding_bytes -= bytes;
                     self.republishes.queue.push_front(Republish {
                         hash,
                         name,
                         payload: None,
-                        origin: None,
                     });
                 }
             }
@@ -543,11 +567,28 @@ impl Committer {
         }
     }
 
-    fn accept(&mut self, upload: Upload) {
-        let kind = match storage::check_image(&upload.payload, self.settings.max_image_bytes) {
-            Ok(()) => Kind::Image,
-            Err(why @ Rejection::TooLarge { .. }) => Kind::Refused(why),
-            Err(why) => Kind::Quarantine(why),
+    fn accept(&mut self, mut upload: Upload) {
+        let received_bytes = upload.payload.len();
+        let max = self.settings.max_image_bytes;
+        let decoded = if let Some(bytes) = crate::mqtt::cut_size(&upload.payload) {
+            // A payload the 3.1.1 relay dropped unread: refused as oversized, by its real size.
+            Err(Rejection::TooLarge { bytes, max })
+        } else if self.settings.accept_base64 {
+            storage::decode_base64_image(&upload.payload, max)
+        } else {
+            Ok(None)
+        };
+        let kind = match decoded {
+            Ok(Some(jpeg)) => {
+                upload.payload = Bytes::from(jpeg);
+                Kind::Image
+            }
+            Ok(None) => match storage::check_image(&upload.payload, max) {
+                Ok(()) => Kind::Image,
+                Err(why @ Rejection::TooLarge { .. }) => Kind::Refused(why),
+                Err(why) => Kind::Quarantine(why),
+            },
+            Err(why) => Kind::Refused(why),
         };
         let slot = Slot {
             gen: upload.gen,
@@ -557,6 +598,7 @@ impl Committer {
             topic: upload.topic,
             at: upload.at,
             payload: upload.payload,
+            received_bytes,
             kind,
             hash: None,
             bytes: Stage::Held,
@@ -718,7 +760,7 @@ impl Committer {
 
     /// Makes the index records of decided but unrecorded names durable.
     fn record(&mut self) -> Result<(), PathError> {
-        let records: Vec<(Hash, u64, String)> = self
+        let records: Vec<NewImage> = self
             .slots
             .values()
             .filter_map(|slot| match (&slot.decision, slot.hash) {
@@ -728,7 +770,7 @@ impl Committer {
                         recorded: false,
                     }),
                     Some(hash),
-                ) => Some((hash, slot.payload.len() as u64, name.clone())),
+                ) => Some(slot.new_image(hash, name.clone())),
                 _ => None,
             })
             .collect();
@@ -738,8 +780,8 @@ impl Committer {
         self.index.record_stored(&records)?;
         // Before the name can exist on disk (its rename comes later): retention never sees it unprotected.
         // Not before the record: a record that failed is made again, and would count the name twice.
-        for (_, _, name) in &records {
-            self.pending.insert(name);
+        for image in &records {
+            self.pending.insert(&image.name);
         }
         for slot in self.slots.values_mut() {
             if let Some(Decision::Store { recorded, .. }) = &mut slot.decision {
@@ -856,11 +898,8 @@ impl Committer {
                         let old = name;
                         let name = self.names.next(slot.at, &slot.camera);
                         // Like the first name's, the new name's record is durable before its rename.
-                        self.index.record_stored(&[(
-                            hash,
-                            slot.payload.len() as u64,
-                            name.clone(),
-                        )])?;
+                        self.index
+                            .record_stored(&[slot.new_image(hash, name.clone())])?;
                         self.deciding.insert(hash);
                         self.pending.insert(&name);
                         self.pending.remove(&old);
@@ -892,6 +931,10 @@ impl Committer {
                 stats
                     .last_image_ms
                     .store(super::systemd::unix_ms(), Ordering::Relaxed);
+                let _ = self.outcomes.send(Outcome::Stored {
+                    camera: slot.camera.clone(),
+                    at_ms: u64::try_from(slot.at.timestamp_millis()).unwrap_or(0),
+                });
                 // Queued and outstanding republishes share one memory budget; beyond it, the outbox on disk.
                 let fits =
                     self.republishes.queued_bytes + self.republishes.outstanding_bytes + bytes
@@ -904,10 +947,6 @@ impl Committer {
                     hash,
                     name: name.clone(),
                     payload,
-                    origin: Some(Origin {
-                        camera: slot.camera.clone(),
-                        received_at: slot.at,
-                    }),
                 });
             }
             (Kind::Image, _, hash) => {
@@ -933,6 +972,11 @@ impl Committer {
                 Stats::count(&stats.rejected);
             }
             (Kind::Refused(why), _, _) => {
+                // The size published, also of a payload the relay dropped unread.
+                let bytes = match why {
+                    Rejection::TooLarge { bytes, .. } => *bytes,
+                    _ => bytes,
+                };
                 warn!(bytes, topic = %topic, reason = %why, "Image refused from topic '{}': {why}", topic);
                 Stats::count(&stats.rejected);
             }
@@ -941,7 +985,7 @@ impl Committer {
             gen: slot.gen,
             pkid: slot.pkid,
             qos: slot.qos,
-            bytes,
+            bytes: slot.received_bytes,
         });
     }
 
@@ -978,15 +1022,25 @@ impl Committer {
                     }
                 }
             };
+            let origin = self.index.get(&item.hash).and_then(|e| e.origin.clone());
+            let publishes = consumers::publishes(
+                &self.settings.now.consumers,
+                &item.hash,
+                &item.name,
+                payload.len() as u64,
+                origin.as_ref(),
+            );
+            let count = if publishes.event.is_some() { 2 } else { 1 };
             self.republishes.outstanding_bytes += payload.len();
             self.republishes
                 .outstanding
-                .insert(item.hash, (item.name.clone(), payload.len()));
+                .insert(item.hash, (payload.len(), count));
             let _ = self.outcomes.send(Outcome::Republish {
                 hash: item.hash,
                 name: item.name,
                 payload,
-                origin: item.origin,
+                publishes,
+                origin,
             });
         }
     }

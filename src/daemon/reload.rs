@@ -99,5 +99,6 @@ pub fn pipeline_settings(config: &Config) -> Reloadable {
         upload_filter: config.topics.upload.clone(),
         min_free: policy.watches_free_space().then_some(policy.min_free),
         max_size: policy.max_bytes,
+        consumers: super::consumers::Settings::new(config),
     }
 }

@@ -14,7 +14,9 @@
 //!   request order; those a lost broker session dropped go back to the pipeline to be sent again;
 //! * it stops reading from the broker while `limits.inflight_*` uploads are unsettled, which bounds memory,
 //!   and meanwhile keeps the connection alive with pings that read nothing ([`mqtt::events_holding`]);
-//! * reconnects back off with jitter, and each episode of trouble is logged once, in words.
+//! * reconnects back off with jitter, and each episode of trouble is logged once, in words;
+//! * what it says about imaged ([`Status`]: online, stats, Home Assistant's discovery) goes out through the
+//!   same publish window as the republishes, ahead of them, so every `Outgoing::Publish` names its publish.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -30,7 +32,9 @@ use tracing::{debug, error, info, warn};
 
 use super::health::{Beat, Health, Stats};
 use super::index::Hash;
-use super::pipeline::{Inbox, Origin, Outcome, Upload};
+use super::index::Origin;
+use super::pipeline::{Inbox, Outcome, Upload};
+use super::status::{self, Status};
 use crate::mqtt::{self, Client, ConnectionError, EventLoop, Numbered, Properties, PublishWindow};
 use crate::storage;
 
@@ -45,13 +49,14 @@ pub struct Settings {
     /// `host:port`, for log lines.
     pub broker: String,
     pub upload: String,
+    /// `topics.stored`, for log lines.
     pub stored: String,
+    /// Status, stats and Home Assistant.
+    pub status: status::Settings,
     pub max_images: usize,
     pub max_bytes: usize,
     /// Republishes in flight at once (see [`mqtt::window`]).
     pub republish_window: usize,
-    /// The incoming packet limit for normal operation (see [`mqtt::events`]).
-    pub max_packet: usize,
     /// `broker.keep_alive_secs`: how often rumqttc pings; the session pings twice as often while it holds back
     /// reading ([`ping_due`]).
     pub keep_alive: Duration,
@@ -110,10 +115,28 @@ pub fn ack_allowed(upload_gen: u64, current_gen: u64, connected: bool) -> bool {
     connected && upload_gen == current_gen
 }
 
-struct Republish {
-    hash: Hash,
-    name: String,
+/// What a publish in the window is, for its PUBACK.
+#[derive(Debug)]
+enum Sent {
+    /// A stored image's republish, on `topic`.
+    Image {
+        hash: Hash,
+        name: String,
+        topic: String,
+    },
+    /// A stored image's event.
+    Event { hash: Hash, name: String },
+    /// What imaged says about itself: not kept when a broker session is lost (it is said again at the next
+    /// subscription).
+    Status,
+}
+
+/// A publish of a stored image waiting for room in the window.
+struct Out {
+    topic: String,
+    retain: bool,
     payload: Bytes,
+    sent: Sent,
     properties: Properties,
 }
 
@@ -128,9 +151,7 @@ pub fn republish_properties(name: &str, hash: &Hash, origin: Option<&Origin>) ->
         user.push(("camera".to_string(), origin.camera.clone()));
         user.push((
             "received_at".to_string(),
-            origin
-                .received_at
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            super::consumers::rfc3339_ms(origin.at_ms),
         ));
     }
     Properties {
@@ -161,10 +182,17 @@ pub struct Session {
     inflight_bytes: usize,
     /// Acks for the current connection that did not fit in the request channel yet.
     acks: VecDeque<(u16, QoS)>,
-    /// Republishes from the pipeline not yet in the request channel.
-    to_send: VecDeque<Republish>,
-    /// Republishes in the request channel or on the wire: (hash, name) until the broker's PUBACK.
-    republishes: PublishWindow<(Hash, String)>,
+    /// Republishes and events from the pipeline not yet in the request channel.
+    to_send: VecDeque<Out>,
+    /// Status messages not yet in the request channel; they go first.
+    announce: VecDeque<status::Message>,
+    status: Status,
+    /// The upload subscription was acknowledged on this connection: status messages may go out.
+    online: bool,
+    /// `offline` was queued for the stop.
+    offline_queued: bool,
+    /// Publishes in the request channel or on the wire, until the broker's PUBACK.
+    republishes: PublishWindow<Sent>,
     need_subscribe: bool,
     /// The broker acknowledged a subscription on this connection since the filter last changed.
     subscribed: bool,
@@ -213,6 +241,10 @@ impl Session {
         Session {
             beat: health.register("MQTT event loop"),
             republishes: PublishWindow::new(settings.republish_window),
+            status: Status::new(settings.status.clone()),
+            announce: VecDeque::new(),
+            online: false,
+            offline_queued: false,
             settings,
             client,
             pipeline,
@@ -252,8 +284,7 @@ impl Session {
         shutdown: impl std::future::Future<Output = ()>,
         on_ready: impl FnOnce(),
     ) -> Result<(), PipelineStopped> {
-        let mut events =
-            mqtt::events_holding(eventloop, self.settings.max_packet, self.holding.clone());
+        let mut events = mqtt::events_holding(eventloop, self.holding.clone());
         let mut on_ready = Some(on_ready);
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(super::health::tick_period());
@@ -284,6 +315,12 @@ impl Session {
                 () = tokio::time::sleep_until(ping_at.into()), if holding => {}
                 _ = tick.tick() => {}
             }
+            if self.online && self.stopping.is_none() {
+                let stats = self
+                    .status
+                    .tick(&self.health.stats, super::systemd::unix_ms());
+                self.announce.extend(stats);
+            }
             self.flush();
             if self.stopping.is_some() && self.stop_done() {
                 let _ = self.pipeline.send(Inbox::Shutdown);
@@ -309,6 +346,11 @@ impl Session {
     /// Republishes from now on go to the new stored topic; a new upload filter is subscribed, and the old
     /// one unsubscribed after it. Uploads in flight are settled and acknowledged as before.
     fn reload(&mut self, reload: Reload) {
+        if reload.stored != self.settings.stored && self.online {
+            // Home Assistant's image entities name the stored topics.
+            let announce = self.status.restored(&reload.stored, &self.health.stats);
+            self.announce.extend(announce);
+        }
         self.settings.stored = reload.stored;
         if reload.upload != self.settings.upload {
             let old = std::mem::replace(&mut self.settings.upload, reload.upload);
@@ -328,6 +370,7 @@ impl Session {
         );
         // What is not sent yet stays in the outbox and goes out at the next start.
         self.to_send.clear();
+        self.announce.clear();
     }
 
     fn stop_done(&mut self) -> bool {
@@ -350,6 +393,17 @@ impl Session {
         }
         let republished = self.republishes.is_empty();
         if !self.disconnect_sent && (republished || since.elapsed() > STOP_REPUBLISH_GRACE) {
+            // `offline` before the DISCONNECT, which makes the broker drop the will.
+            if !self.offline_queued {
+                self.offline_queued = true;
+                if let Some(offline) = self.status.stopping().filter(|_| self.online) {
+                    self.announce.push_back(offline);
+                    return false;
+                }
+            }
+            if !self.announce.is_empty() {
+                return false;
+            }
             // Queued behind the acks: once it is written, so are they.
             self.disconnect_sent = self.client.try_disconnect().is_ok();
         }
@@ -383,15 +437,40 @@ impl Session {
                 hash,
                 name,
                 payload,
+                publishes,
                 origin,
             } => {
-                if self.stopping.is_none() {
-                    self.to_send.push_back(Republish {
-                        properties: republish_properties(&name, &hash, origin.as_ref()),
+                if self.stopping.is_some() {
+                    return;
+                }
+                self.to_send.push_back(Out {
+                    topic: publishes.stored_topic.clone(),
+                    retain: publishes.retain,
+                    payload,
+                    properties: republish_properties(&name, &hash, origin.as_ref()),
+                    sent: Sent::Image {
                         hash,
-                        name,
-                        payload,
+                        name: name.clone(),
+                        topic: publishes.stored_topic,
+                    },
+                });
+                if let Some((topic, event)) = publishes.event {
+                    self.to_send.push_back(Out {
+                        topic,
+                        retain: false,
+                        payload: event,
+                        properties: Properties {
+                            content_type: Some("application/json".into()),
+                            user: Vec::new(),
+                        },
+                        sent: Sent::Event { hash, name },
                     });
+                }
+            }
+            Outcome::Stored { camera, at_ms } => {
+                let announce = self.status.stored(&camera, at_ms);
+                if self.online {
+                    self.announce.extend(announce);
                 }
             }
         }
@@ -406,18 +485,19 @@ impl Session {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => self.connected(&ack)?,
             Ok(Event::Incoming(Incoming::SubAck(ack))) => self.subscribed(&ack),
             Ok(Event::Incoming(Incoming::Publish(publish))) => self.received(publish)?,
-            Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                let Some((hash, name)) = self.republishes.acked(ack.pkid) else {
-                    debug!(pkid = ack.pkid, "a PUBACK for no republish waiting for one");
-                    return Ok(());
-                };
-                info!(
-                    name = %name, topic = %self.settings.stored,
-                    "Image re-published on topic '{}'", self.settings.stored
-                );
-                Stats::count(&self.health.stats.republished);
-                self.to_pipeline(Inbox::Confirmed(hash))?;
-            }
+            Ok(Event::Incoming(Incoming::PubAck(ack))) => match self.republishes.acked(ack.pkid) {
+                None => debug!(pkid = ack.pkid, "a PUBACK for no publish waiting for one"),
+                Some(Sent::Image { hash, name, topic }) => {
+                    info!(name = %name, topic = %topic, "Image re-published on topic '{topic}'");
+                    Stats::count(&self.health.stats.republished);
+                    self.to_pipeline(Inbox::Confirmed(hash))?;
+                }
+                Some(Sent::Event { hash, name }) => {
+                    debug!(name = %name, "image event published");
+                    self.to_pipeline(Inbox::Confirmed(hash))?;
+                }
+                Some(Sent::Status) => {}
+            },
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => match self.republishes.numbered(pkid) {
                 Numbered::New => {}
                 Numbered::Again => debug!(pkid, "republish sent again"),
@@ -441,6 +521,8 @@ impl Session {
         self.last_ping = Instant::now();
         self.health.stats.connected.store(true, Ordering::Relaxed);
         self.need_subscribe = true;
+        // Said again once subscribed.
+        self.announce.clear();
         self.subscribed = false;
         let session = if ack.session_present {
             "session resumed"
@@ -469,7 +551,17 @@ impl Session {
         self.last_problem = None;
         if !ack.session_present {
             // rumqttc dropped the republishes it still had; send them again.
-            let lost = self.republishes.take_all();
+            let lost: Vec<(Hash, String)> = self
+                .republishes
+                .take_all()
+                .into_iter()
+                .filter_map(|sent| match sent {
+                    Sent::Image { hash, name, .. } | Sent::Event { hash, name } => {
+                        Some((hash, name))
+                    }
+                    Sent::Status => None,
+                })
+                .collect();
             if !lost.is_empty() {
                 debug!(
                     "{} republishes lost with the broker session; sending them again",
@@ -482,11 +574,16 @@ impl Session {
     }
 
     fn subscribed(&mut self, ack: &SubAck) {
-        if ack
-            .return_codes
-            .iter()
-            .any(|c| matches!(c, SubscribeReasonCode::Failure))
-        {
+        let refused =
+            |i: usize| matches!(ack.return_codes.get(i), Some(SubscribeReasonCode::Failure));
+        if refused(1) {
+            warn!(
+                "The broker {} refused the subscription to '{}': discovery is not sent again when Home Assistant restarts",
+                self.settings.broker,
+                self.status.birth_topic().unwrap_or_default()
+            );
+        }
+        if refused(0) {
             error!(
                 "The broker {} refused the subscription to '{}': check its ACL for this user; trying again in 30s",
                 self.settings.broker, self.settings.upload
@@ -506,11 +603,18 @@ impl Session {
             }
             self.remember_subscription();
         }
+        if !refused(0) {
+            self.online = true;
+            let now = super::systemd::unix_ms();
+            let announce = self.status.ready(&self.health.stats, now);
+            self.announce.extend(announce);
+        }
     }
 
     fn connection_lost(&mut self, e: &ConnectionError, retry: Option<Duration>) {
         let was_connected = self.connected;
         self.connected = false;
+        self.online = false;
         self.health.stats.connected.store(false, Ordering::Relaxed);
         self.gen += 1;
         self.acks.clear();
@@ -522,9 +626,7 @@ impl Session {
         let retry = retry
             .map(|d| format!("; retrying in {:.1}s", d.as_secs_f64()))
             .unwrap_or_default();
-        if mqtt::oversized(e).is_some() {
-            warn!("A message on '{}' is larger than this client accepts ({e}); receiving it once more to refuse it", self.settings.upload);
-        } else if self.last_problem.as_deref() != Some(problem.as_str()) {
+        if self.last_problem.as_deref() != Some(problem.as_str()) {
             if was_connected {
                 warn!("Lost the connection: {problem}{retry}");
             } else {
@@ -537,6 +639,10 @@ impl Session {
     }
 
     fn received(&mut self, publish: Publish) -> Result<(), PipelineStopped> {
+        if self.status.birth_topic().as_deref() == Some(publish.topic.as_str()) {
+            self.birth(&publish);
+            return Ok(());
+        }
         if self.stopping.is_some() {
             debug!(
                 pkid = publish.pkid,
@@ -565,6 +671,22 @@ impl Session {
             payload: publish.payload,
             at: crate::clock::now(),
         }))
+    }
+
+    /// Home Assistant's birth message (the config keeps the upload filter from matching its topic).
+    fn birth(&mut self, publish: &Publish) {
+        if self.online && self.stopping.is_none() {
+            let now = super::systemd::unix_ms();
+            let announce = self.status.birth(&publish.payload, &self.health.stats, now);
+            if !announce.is_empty() {
+                info!("Home Assistant is online: sending its discovery again");
+            }
+            self.announce.extend(announce);
+        }
+        // Subscribed at QoS 0; a QoS 1 copy comes from a subscription of an earlier configuration.
+        if publish.qos != QoS::AtMostOnce {
+            self.acks.push_back((publish.pkid, publish.qos));
+        }
     }
 
     /// For the watchdog: how many uploads wait for the pipeline.
@@ -614,13 +736,15 @@ impl Session {
             self.resubscribe_at = None;
             self.need_subscribe = true;
         }
-        if self.need_subscribe
-            && self
-                .client
-                .try_subscribe(self.settings.upload.clone(), QoS::AtLeastOnce)
-                .is_ok()
-        {
-            self.need_subscribe = false;
+        if self.need_subscribe {
+            let mut filters = vec![(self.settings.upload.clone(), QoS::AtLeastOnce)];
+            // Home Assistant's birth message, at QoS 0: nothing to acknowledge, nothing stored.
+            if let Some(birth) = self.status.birth_topic() {
+                filters.push((birth, QoS::AtMostOnce));
+            }
+            if self.client.try_subscribe_many(&filters).is_ok() {
+                self.need_subscribe = false;
+            }
         }
         // The broker takes requests in order: queued behind the new subscription, an unsubscription of the
         // old filter cannot leave a moment without either.
@@ -640,28 +764,46 @@ impl Session {
             }
             self.acks.pop_front();
         }
-        while let Some(Republish {
-            hash,
-            name,
-            payload,
-            properties,
-        }) = self.to_send.pop_front()
-        {
-            let publish = payload.clone();
-            let stored = &self.settings.stored;
-            if let Err((hash, name)) = self.republishes.try_publish(
+        while let Some(message) = self.announce.pop_front() {
+            let payload = message.payload.clone();
+            if self
+                .republishes
+                .try_publish(
+                    &self.client,
+                    &message.topic,
+                    message.retain,
+                    payload,
+                    &Properties::default(),
+                    Sent::Status,
+                )
+                .is_err()
+            {
+                self.announce.push_front(message);
+                return;
+            }
+        }
+        while let Some(out) = self.to_send.pop_front() {
+            let Out {
+                topic,
+                retain,
+                payload,
+                properties,
+                sent,
+            } = out;
+            if let Err(sent) = self.republishes.try_publish(
                 &self.client,
-                stored,
-                false,
-                publish,
+                &topic,
+                retain,
+                payload.clone(),
                 &properties,
-                (hash, name),
+                sent,
             ) {
-                self.to_send.push_front(Republish {
-                    hash,
-                    name,
+                self.to_send.push_front(Out {
+                    topic,
+                    retain,
                     payload,
                     properties,
+                    sent,
                 });
                 break;
             }

@@ -21,6 +21,8 @@ use rumqttc::{
 };
 use tracing::{debug, warn};
 
+use super::relay::Relay;
+
 /// A handle to put requests into the event loop's channel, in either version.
 #[derive(Debug, Clone)]
 pub enum Client {
@@ -29,19 +31,19 @@ pub enum Client {
 }
 
 /// The event loop of either version (see [`super::events`]); one lives for the whole run, so its size
-/// does not matter.
+/// does not matter. A 3.1.1 loop from [`super::connect`] connects through its [`Relay`].
 #[expect(
     clippy::large_enum_variant,
     reason = "one per client, never moved in a loop"
 )]
 pub enum EventLoop {
-    V4(rumqttc::EventLoop),
+    V4(rumqttc::EventLoop, Option<Relay>),
     V5(v5::EventLoop),
 }
 
 impl From<rumqttc::EventLoop> for EventLoop {
     fn from(eventloop: rumqttc::EventLoop) -> Self {
-        EventLoop::V4(eventloop)
+        EventLoop::V4(eventloop, None)
     }
 }
 
@@ -83,6 +85,26 @@ impl Client {
         match self {
             Client::V4(c) => c.try_subscribe(filter, qos).map_err(|_| NotQueued),
             Client::V5(c) => c.try_subscribe(filter, qos5(qos)).map_err(|_| NotQueued),
+        }
+    }
+
+    /// Several filters in one SUBSCRIBE: one SubAck, its return codes in the same order.
+    pub fn try_subscribe_many(&self, filters: &[(String, QoS)]) -> Result<(), NotQueued> {
+        match self {
+            Client::V4(c) => c
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, qos)| rumqttc::SubscribeFilter::new(f.clone(), *qos)),
+                )
+                .map_err(|_| NotQueued),
+            Client::V5(c) => c
+                .try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|(f, qos)| v5::mqttbytes::v5::Filter::new(f.clone(), qos5(*qos))),
+                )
+                .map_err(|_| NotQueued),
         }
     }
 

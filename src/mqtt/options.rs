@@ -3,10 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{v5, AsyncClient, MqttOptions, NetworkOptions, TlsConfiguration, Transport};
+use rumqttc::{
+    v5, AsyncClient, LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport,
+};
 
 use super::client::{Client, EventLoop};
 use super::credentials::password;
+use super::relay::Relay;
 use super::tls::tls_config;
 use crate::config::{Broker, KeyError, Protocol};
 
@@ -23,6 +26,13 @@ pub enum Role {
     Receiver { persistent: bool },
 }
 
+/// A last will: published by the broker, retained at QoS 1, when the connection ends without a DISCONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    pub topic: String,
+    pub payload: String,
+}
+
 /// Builds a client and its event loop for `broker`, in its `broker.protocol`. `max_packet` bounds packets
 /// both ways; with MQTT 5 the broker is told it (Maximum Packet Size) and drops a larger message itself.
 pub fn connect(
@@ -30,15 +40,14 @@ pub fn connect(
     client_id: &str,
     max_packet: usize,
     role: Role,
+    will: Option<&Will>,
 ) -> Result<(Client, EventLoop), KeyError> {
     let login = match &broker.username {
         Some(user) => Some((user.clone(), password(broker)?.unwrap_or_default())),
         None => None,
     };
-    let tls = match broker.tls.as_ref().filter(|t| t.enabled) {
-        Some(tls) => Some(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls_config(tls)?),
-        ))),
+    let tls_config = match broker.tls.as_ref().filter(|t| t.enabled) {
+        Some(tls) => Some(Arc::new(tls_config(tls)?)),
         None => None,
     };
     let keep_alive = Duration::from_secs(broker.keep_alive_secs);
@@ -48,9 +57,26 @@ pub fn connect(
     network.set_connection_timeout(broker.connect_timeout_secs);
     Ok(match broker.protocol {
         Protocol::V311 => {
-            let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+            let relay = Relay::new(
+                broker.host.clone(),
+                broker.port,
+                tls_config,
+                max_packet,
+                Duration::from_secs(broker.connect_timeout_secs),
+            );
+            // rumqttc talks to the relay, the relay (with TLS, when configured) to the broker.
+            let mut options = MqttOptions::new(client_id, relay.name.clone(), 0);
+            options.set_transport(Transport::Unix);
             options.set_keep_alive(keep_alive);
             options.set_max_packet_size(max_packet, max_packet);
+            if let Some(w) = will {
+                options.set_last_will(LastWill::new(
+                    &w.topic,
+                    w.payload.as_bytes(),
+                    QoS::AtLeastOnce,
+                    true,
+                ));
+            }
             match role {
                 Role::Daemon { inflight, .. } => {
                     options.set_clean_session(false);
@@ -68,18 +94,22 @@ pub fn connect(
             if let Some((user, password)) = login {
                 options.set_credentials(user, password);
             }
-            if let Some(tls) = tls {
-                options.set_transport(tls);
-            }
             let (client, mut eventloop) = AsyncClient::new(options, 256);
             eventloop.set_network_options(network);
-            (Client::V4(client), EventLoop::V4(eventloop))
+            (Client::V4(client), EventLoop::V4(eventloop, Some(relay)))
         }
         Protocol::V5 => {
             let mut options = v5::MqttOptions::new(client_id, broker.host.clone(), broker.port);
             options.set_keep_alive(keep_alive);
             options.set_connection_timeout(broker.connect_timeout_secs);
             options.set_max_packet_size(Some(u32::try_from(max_packet).unwrap_or(u32::MAX)));
+            if let Some(w) = will {
+                let qos = v5::mqttbytes::QoS::AtLeastOnce;
+                let payload = w.payload.as_bytes();
+                options.set_last_will(v5::mqttbytes::v5::LastWill::new(
+                    &w.topic, payload, qos, true, None,
+                ));
+            }
             // A persistent session lasts session_expiry after a disconnect; a clean one ends with it.
             let expiry = u32::try_from(broker.session_expiry.0.as_secs()).unwrap_or(u32::MAX);
             match role {
@@ -104,8 +134,8 @@ pub fn connect(
             if let Some((user, password)) = login {
                 options.set_credentials(user, password);
             }
-            if let Some(tls) = tls {
-                options.set_transport(tls);
+            if let Some(config) = tls_config {
+                options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
             }
             options.set_network_options(network);
             let (client, eventloop) = v5::AsyncClient::new(options, 256);
@@ -149,14 +179,14 @@ mod tests {
             session_expiry: crate::config::Span(Duration::from_secs(3600)),
             ..Broker::default()
         };
-        let (_client, eventloop) = connect(&broker, "t", max_packet, role).unwrap();
+        let (_client, eventloop) = connect(&broker, "t", max_packet, role, None).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let poller = std::thread::spawn(move || {
             runtime.block_on(async {
-                let mut events = super::super::events(eventloop, max_packet);
+                let mut events = super::super::events(eventloop);
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),
                     futures_util::StreamExt::next(&mut events),

@@ -12,6 +12,7 @@ pub fn run(config: &Config) -> Result<(), ConfigError> {
         config.client_id(),
         config.max_packet_bytes(),
         Role::Receiver { persistent: false },
+        None,
     )
     .map_err(|e| config.error(e))?;
     println!(

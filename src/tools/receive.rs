@@ -74,6 +74,7 @@ pub fn run(mut config: Config, args: &ReceiveArgs) -> Result<(), Error> {
         &client_id,
         config.max_packet_bytes(),
         Role::Receiver { persistent },
+        None,
     )
     .map_err(|e| config.error(e))?;
     let receiver = Receiver {
@@ -90,7 +91,7 @@ pub fn run(mut config: Config, args: &ReceiveArgs) -> Result<(), Error> {
         .enable_all()
         .build()
         .expect("a runtime starts");
-    runtime.block_on(receiver.run(mqtt::events(eventloop, config.max_packet_bytes())))
+    runtime.block_on(receiver.run(mqtt::events(eventloop)))
 }
 
 /// What `receive` is doing. Only its own task touches it.
@@ -241,7 +242,7 @@ impl Sink {
                 filter,
                 mode,
             } => {
-                let camera = layout::camera(filter, &publish.topic);
+                let camera = layout::stored_camera(filter, &publish.topic);
                 let mut temp = storage::write_image(dir, &publish.payload, *mode, &|| {})?;
                 loop {
                     let name = names.next(chrono::Utc::now(), &camera);

@@ -60,7 +60,7 @@ async fn publish(
     ));
     let (client, eventloop) = AsyncClient::new(options, 64);
     let client = imaged::mqtt::Client::from(client);
-    let mut events = imaged::mqtt::events(eventloop, 64 << 20);
+    let mut events = imaged::mqtt::events(eventloop);
     let mut acked = vec![false; images.len()];
     let mut queue: VecDeque<usize> = (0..images.len()).collect();
     let mut inflight = PublishWindow::new(window);
@@ -189,6 +189,9 @@ pub enum Mode {
     BlackHole = 1,
     /// Forward a few bytes at a time, slowly.
     Trickle = 2,
+    /// Forward what the broker sends, hold what the client sends: the client gets its messages, and its
+    /// acks and publishes never arrive.
+    ToClientOnly = 3,
 }
 
 /// A TCP proxy on a free loopback port in front of the broker, for network faults.
@@ -225,8 +228,9 @@ impl Proxy {
                             client.try_clone().unwrap(),
                             server.try_clone().unwrap(),
                             m.clone(),
+                            true,
                         );
-                        pump(server, client, m.clone());
+                        pump(server, client, m.clone(), false);
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -259,11 +263,15 @@ impl Drop for Proxy {
     }
 }
 
-fn pump(mut from: TcpStream, mut to: TcpStream, mode: Arc<AtomicU8>) {
+fn pump(mut from: TcpStream, mut to: TcpStream, mode: Arc<AtomicU8>, to_broker: bool) {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
+        let held = || {
+            let m = mode.load(Ordering::SeqCst);
+            m == Mode::BlackHole as u8 || (to_broker && m == Mode::ToClientOnly as u8)
+        };
         loop {
-            while mode.load(Ordering::SeqCst) == Mode::BlackHole as u8 {
+            while held() {
                 std::thread::sleep(Duration::from_millis(10));
             }
             let n = match from.read(&mut buf) {
@@ -272,7 +280,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, mode: Arc<AtomicU8>) {
             };
             let mut rest = &buf[..n];
             while !rest.is_empty() {
-                while mode.load(Ordering::SeqCst) == Mode::BlackHole as u8 {
+                while held() {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 let chunk = if mode.load(Ordering::SeqCst) == Mode::Trickle as u8 {
