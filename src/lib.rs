@@ -27,7 +27,8 @@
 //!   `reload` reads the config again at SIGHUP and hands each part what changed; `shutdown` is the stop
 //!   signal.
 //! * [`mqtt`]: client code shared by the daemon and the tools: one client for MQTT 3.1.1 and 5 (MQTT 5's
-//!   events read as 3.1.1's), connect options, credentials, TLS, the event
+//!   events read as 3.1.1's; 3.1.1 through a relay that drops an oversized publish unread), connect
+//!   options, credentials, TLS, the event
 //!   loop as a backing-off stream, the [`mqtt::PublishWindow`], connection errors in words, and the check of
 //!   a local Mosquitto's settings.
 //! * [`tools`]: `imaged send`, `imaged receive`, `imaged check-config`, `imaged prune` and

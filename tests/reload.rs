@@ -221,3 +221,32 @@ fn a_broken_file_on_reload_is_named_with_line_and_key_and_the_old_config_keeps_r
     assert!(broker.mosquitto_pub("cams/door/jpeg", &jpeg(43_001, 3000)));
     daemon.wait_stored(2, Duration::from_secs(10));
 }
+
+#[test]
+fn events_and_retained_republishes_switched_on_by_a_reload_apply_to_the_next_image() {
+    let broker = Broker::start();
+    let events = Observer::start(broker.port, "imaged/events");
+    let notify = Notify::new();
+    let daemon = daemon_with_notify(&broker, "", &notify);
+    assert!(broker.mosquitto_pub("image/upload", &jpeg(44_000, 3000)));
+    daemon.wait_stored(1, Duration::from_secs(10));
+
+    daemon.reconfigure("[topics]\nevents = \"imaged/events\"\nretain_stored = true\n");
+    notify.reload(&daemon);
+    assert!(daemon
+        .log()
+        .contains("topics.retain_stored, topics.events apply now"));
+    let image = jpeg(44_001, 3000);
+    assert!(broker.mosquitto_pub("image/upload", &image));
+    events.wait_for(1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        events.distinct(),
+        1,
+        "an event for the image after the reload only"
+    );
+    // A viewer that subscribes later gets it at once: retained.
+    let viewer = Observer::start(broker.port, "image/stored");
+    viewer.wait_for(1, Duration::from_secs(5));
+    assert!(viewer.seen().contains_key(&sha(&image)));
+}

@@ -192,6 +192,30 @@ mod tests {
     }
 
     #[test]
+    fn of_the_consumer_keys_retain_and_events_apply_at_once_and_status_home_assistant_and_base64_wait(
+    ) {
+        let old = parse("");
+        let new = parse(
+            "[topics]\nretain_stored = true\nevents = \"imaged/events\"\nstatus = \"cams/{client_id}\"\n\
+             [storage]\naccept_base64 = true\n[homeassistant]\nenabled = true\ndiscovery_prefix = \"ha\"\n",
+        );
+        let plan = plan(&old, &new);
+        assert_eq!(plan.applied, ["topics.retain_stored", "topics.events"]);
+        assert_eq!(
+            plan.restart,
+            [
+                "topics.status",
+                "storage.accept_base64",
+                "homeassistant.enabled",
+                "homeassistant.discovery_prefix"
+            ]
+        );
+        assert_eq!(plan.config.topics.events, "imaged/events");
+        assert_eq!(plan.config.topics.status, old.topics.status);
+        assert!(!plan.config.storage.accept_base64 && !plan.config.homeassistant.enabled);
+    }
+
+    #[test]
     fn keys_that_need_a_restart_are_named_and_keep_their_old_values() {
         let old = parse("");
         let new = parse(

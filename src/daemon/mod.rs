@@ -128,7 +128,6 @@ async fn serve(config: Config, level: crate::logging::Level) -> Result<(), Error
             max_images: limits.inflight_images,
             max_bytes: limits.inflight_bytes,
             republish_window: usize::from(inflight),
-            max_packet: config.max_packet_bytes(),
             keep_alive: Duration::from_secs(config.broker.keep_alive_secs),
             subscription_file: config.state_dir().join("subscription"),
             identity: format!("{}@{broker_name}", config.client_id()),

@@ -570,7 +570,10 @@ impl Committer {
     fn accept(&mut self, mut upload: Upload) {
         let received_bytes = upload.payload.len();
         let max = self.settings.max_image_bytes;
-        let decoded = if self.settings.accept_base64 {
+        let decoded = if let Some(bytes) = crate::mqtt::cut_size(&upload.payload) {
+            // A payload the 3.1.1 relay dropped unread: refused as oversized, by its real size.
+            Err(Rejection::TooLarge { bytes, max })
+        } else if self.settings.accept_base64 {
             storage::decode_base64_image(&upload.payload, max)
         } else {
             Ok(None)
@@ -969,6 +972,11 @@ impl Committer {
                 Stats::count(&stats.rejected);
             }
             (Kind::Refused(why), _, _) => {
+                // The size published, also of a payload the relay dropped unread.
+                let bytes = match why {
+                    Rejection::TooLarge { bytes, .. } => *bytes,
+                    _ => bytes,
+                };
                 warn!(bytes, topic = %topic, reason = %why, "Image refused from topic '{}': {why}", topic);
                 Stats::count(&stats.rejected);
             }

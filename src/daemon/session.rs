@@ -57,8 +57,6 @@ pub struct Settings {
     pub max_bytes: usize,
     /// Republishes in flight at once (see [`mqtt::window`]).
     pub republish_window: usize,
-    /// The incoming packet limit for normal operation (see [`mqtt::events`]).
-    pub max_packet: usize,
     /// `broker.keep_alive_secs`: how often rumqttc pings; the session pings twice as often while it holds back
     /// reading ([`ping_due`]).
     pub keep_alive: Duration,
@@ -286,8 +284,7 @@ impl Session {
         shutdown: impl std::future::Future<Output = ()>,
         on_ready: impl FnOnce(),
     ) -> Result<(), PipelineStopped> {
-        let mut events =
-            mqtt::events_holding(eventloop, self.settings.max_packet, self.holding.clone());
+        let mut events = mqtt::events_holding(eventloop, self.holding.clone());
         let mut on_ready = Some(on_ready);
         tokio::pin!(shutdown);
         let mut tick = tokio::time::interval(super::health::tick_period());
@@ -629,9 +626,7 @@ impl Session {
         let retry = retry
             .map(|d| format!("; retrying in {:.1}s", d.as_secs_f64()))
             .unwrap_or_default();
-        if mqtt::oversized(e).is_some() {
-            warn!("A message on '{}' is larger than this client accepts ({e}); receiving it once more to refuse it", self.settings.upload);
-        } else if self.last_problem.as_deref() != Some(problem.as_str()) {
+        if self.last_problem.as_deref() != Some(problem.as_str()) {
             if was_connected {
                 warn!("Lost the connection: {problem}{retry}");
             } else {

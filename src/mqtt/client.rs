@@ -21,6 +21,8 @@ use rumqttc::{
 };
 use tracing::{debug, warn};
 
+use super::relay::Relay;
+
 /// A handle to put requests into the event loop's channel, in either version.
 #[derive(Debug, Clone)]
 pub enum Client {
@@ -29,19 +31,19 @@ pub enum Client {
 }
 
 /// The event loop of either version (see [`super::events`]); one lives for the whole run, so its size
-/// does not matter.
+/// does not matter. A 3.1.1 loop from [`super::connect`] connects through its [`Relay`].
 #[expect(
     clippy::large_enum_variant,
     reason = "one per client, never moved in a loop"
 )]
 pub enum EventLoop {
-    V4(rumqttc::EventLoop),
+    V4(rumqttc::EventLoop, Option<Relay>),
     V5(v5::EventLoop),
 }
 
 impl From<rumqttc::EventLoop> for EventLoop {
     fn from(eventloop: rumqttc::EventLoop) -> Self {
-        EventLoop::V4(eventloop)
+        EventLoop::V4(eventloop, None)
     }
 }
 

@@ -6,15 +6,18 @@
 mod client;
 mod credentials;
 mod describe;
+mod filter;
 mod local_broker;
 mod options;
 mod poller;
+mod relay;
 mod tls;
 mod window;
 
 pub use client::{Client, ConnectionError, EventLoop, Properties};
 pub use describe::describe;
+pub use filter::cut_size;
 pub use local_broker::local_broker_warnings;
 pub use options::{connect, packet_id_space, window, Role, Will, MAX_WINDOW};
-pub use poller::{after_failure, events, events_holding, oversized, Events, Holding, Polled};
+pub use poller::{after_failure, events, events_holding, Events, Holding, Polled};
 pub use window::{Numbered, PublishWindow};

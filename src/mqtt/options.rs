@@ -9,6 +9,7 @@ use rumqttc::{
 
 use super::client::{Client, EventLoop};
 use super::credentials::password;
+use super::relay::Relay;
 use super::tls::tls_config;
 use crate::config::{Broker, KeyError, Protocol};
 
@@ -45,10 +46,8 @@ pub fn connect(
         Some(user) => Some((user.clone(), password(broker)?.unwrap_or_default())),
         None => None,
     };
-    let tls = match broker.tls.as_ref().filter(|t| t.enabled) {
-        Some(tls) => Some(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls_config(tls)?),
-        ))),
+    let tls_config = match broker.tls.as_ref().filter(|t| t.enabled) {
+        Some(tls) => Some(Arc::new(tls_config(tls)?)),
         None => None,
     };
     let keep_alive = Duration::from_secs(broker.keep_alive_secs);
@@ -58,7 +57,16 @@ pub fn connect(
     network.set_connection_timeout(broker.connect_timeout_secs);
     Ok(match broker.protocol {
         Protocol::V311 => {
-            let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+            let relay = Relay::new(
+                broker.host.clone(),
+                broker.port,
+                tls_config,
+                max_packet,
+                Duration::from_secs(broker.connect_timeout_secs),
+            );
+            // rumqttc talks to the relay, the relay (with TLS, when configured) to the broker.
+            let mut options = MqttOptions::new(client_id, relay.name.clone(), 0);
+            options.set_transport(Transport::Unix);
             options.set_keep_alive(keep_alive);
             options.set_max_packet_size(max_packet, max_packet);
             if let Some(w) = will {
@@ -86,12 +94,9 @@ pub fn connect(
             if let Some((user, password)) = login {
                 options.set_credentials(user, password);
             }
-            if let Some(tls) = tls {
-                options.set_transport(tls);
-            }
             let (client, mut eventloop) = AsyncClient::new(options, 256);
             eventloop.set_network_options(network);
-            (Client::V4(client), EventLoop::V4(eventloop))
+            (Client::V4(client), EventLoop::V4(eventloop, Some(relay)))
         }
         Protocol::V5 => {
             let mut options = v5::MqttOptions::new(client_id, broker.host.clone(), broker.port);
@@ -129,8 +134,8 @@ pub fn connect(
             if let Some((user, password)) = login {
                 options.set_credentials(user, password);
             }
-            if let Some(tls) = tls {
-                options.set_transport(tls);
+            if let Some(config) = tls_config {
+                options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
             }
             options.set_network_options(network);
             let (client, eventloop) = v5::AsyncClient::new(options, 256);
@@ -181,7 +186,7 @@ mod tests {
             .unwrap();
         let poller = std::thread::spawn(move || {
             runtime.block_on(async {
-                let mut events = super::super::events(eventloop, max_packet);
+                let mut events = super::super::events(eventloop);
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),
                     futures_util::StreamExt::next(&mut events),

@@ -1,5 +1,5 @@
-//! rumqttc's event loop as a stream that backs off between reconnects, refuses an oversized packet without a
-//! reconnect loop, keeps the events of a connection that failed with that connection, and keeps a connection
+//! rumqttc's event loop as a stream that backs off between reconnects, opens a 3.1.1 client's relay before
+//! each connect, keeps the events of a connection that failed with that connection, and keeps a connection
 //! alive with pings alone while its user reads nothing.
 
 use std::collections::VecDeque;
@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use rumqttc::{Event, Incoming, Outgoing, Packet, StateError};
+use rumqttc::{Event, Incoming, Outgoing, Packet};
 
 use super::client::{from_v5, ConnectionError, EventLoop};
+use super::relay::Relay;
 use crate::backoff::Backoff;
 
 /// The event loop as a stream that waits out the backoff after an error before polling again.
@@ -20,10 +21,6 @@ struct Poller {
     backoff: Backoff,
     /// The wait before the next poll, after an error.
     wait: Option<Duration>,
-    /// The normal incoming packet limit.
-    max_packet: usize,
-    /// The limit was raised to take one oversized packet; back to normal at the next ConnAck.
-    raised: bool,
     /// A failed connection's last events, to hand out before polling again (see [`after_failure`]).
     queued: VecDeque<Polled>,
     holding: Holding,
@@ -54,12 +51,10 @@ impl Holding {
 
 /// Turns an event loop into a stream that reconnects with capped, jittered backoff. Waiting on the stream's
 /// `next()` in a `select!` is safe: an unfinished poll stays inside the stream, it is not cancelled.
-/// `max_packet` is the normal incoming limit; a packet over it is taken once with a larger limit so it can be
-/// refused and acknowledged (with a persistent session the broker would otherwise resend it forever).
 /// Events rumqttc had parsed on a connection that then failed come right after that connection's error and
 /// before the next ConnAck ([`after_failure`]).
-pub fn events(eventloop: impl Into<EventLoop>, max_packet: usize) -> Events {
-    events_holding(eventloop, max_packet, Holding::default())
+pub fn events(eventloop: impl Into<EventLoop>) -> Events {
+    events_holding(eventloop, Holding::default())
 }
 
 /// [`events`] for a user that at times stops reading from the broker to bound its memory (the daemon, while
@@ -76,17 +71,11 @@ pub fn events(eventloop: impl Into<EventLoop>, max_packet: usize) -> Events {
 /// and pings nothing until the hold ends: the broker should send no more than imaged's Receive Maximum
 /// anyway, but Mosquitto 2.0.11 does not keep to it. A hold longer than one and a half keep-alives then
 /// costs the connection (the broker delivers the unacknowledged uploads again; dedup stores them once).
-pub fn events_holding(
-    eventloop: impl Into<EventLoop>,
-    max_packet: usize,
-    holding: Holding,
-) -> Events {
+pub fn events_holding(eventloop: impl Into<EventLoop>, holding: Holding) -> Events {
     let poller = Poller {
         eventloop: eventloop.into(),
         backoff: Backoff::broker(),
         wait: None,
-        max_packet,
-        raised: false,
         queued: VecDeque::new(),
         holding,
         pinged: false,
@@ -102,7 +91,7 @@ impl Poller {
         if let Some(queued) = self.queued.pop_front() {
             return queued;
         }
-        if let EventLoop::V4(eventloop) = &mut self.eventloop {
+        if let EventLoop::V4(eventloop, _) = &mut self.eventloop {
             if self.holding.get() && eventloop.network.is_some() {
                 return match ping(eventloop).await {
                     Ok(()) => {
@@ -129,12 +118,25 @@ impl Poller {
             // rumqttc waits for the PINGRESP of its own last ping before it pings again, or takes the
             // connection for dead. Nothing was read while holding, so that PINGRESP may still wait behind
             // uploads the broker sent first; the pings of the hold are answered after it.
-            if let EventLoop::V4(eventloop) = &mut self.eventloop {
+            if let EventLoop::V4(eventloop, _) = &mut self.eventloop {
                 eventloop.state.await_pingresp = false;
             }
         }
         let polled = match &mut self.eventloop {
-            EventLoop::V4(eventloop) => eventloop.poll().await.map_err(ConnectionError::from),
+            EventLoop::V4(eventloop, relay) => {
+                if let (None, Some(relay)) = (&eventloop.network, relay.as_mut()) {
+                    if let Err(e) = relay.open().await {
+                        return self.failed(e.into());
+                    }
+                }
+                eventloop.poll().await.map_err(|e| {
+                    // rumqttc saw the relay close; what the broker's side did is the cause.
+                    match relay.as_ref().and_then(Relay::failure) {
+                        Some(io) => rumqttc::ConnectionError::Io(io).into(),
+                        None => e.into(),
+                    }
+                })
+            }
             EventLoop::V5(eventloop) => loop {
                 match eventloop.poll().await {
                     Ok(event) => {
@@ -159,28 +161,13 @@ impl Poller {
 
     fn connected(&mut self) {
         self.backoff.reset();
-        if let (true, EventLoop::V4(eventloop)) = (self.raised, &mut self.eventloop) {
-            // The limit only matters when a connection is made; this one keeps the raised one.
-            eventloop
-                .mqtt_options
-                .set_max_packet_size(self.max_packet, self.max_packet);
-            self.raised = false;
-        }
     }
 
     fn failed(&mut self, error: ConnectionError) -> Polled {
-        if let (Some(size), EventLoop::V4(eventloop)) = (oversized(&error), &mut self.eventloop) {
-            // rumqttc cannot skip a packet over its limit: take it once with a larger limit, so the
-            // pipeline can refuse and acknowledge it.
-            eventloop
-                .mqtt_options
-                .set_max_packet_size(size.saturating_add(16), self.max_packet);
-            self.raised = true;
-        }
         let wait = self.backoff.next_delay();
         self.wait = Some(wait);
         let parsed: Vec<Event> = match &mut self.eventloop {
-            EventLoop::V4(eventloop) => eventloop.state.events.drain(..).collect(),
+            EventLoop::V4(eventloop, _) => eventloop.state.events.drain(..).collect(),
             EventLoop::V5(eventloop) => eventloop
                 .state
                 .events
@@ -242,16 +229,6 @@ pub fn after_failure(
                 .map(|event| (Ok(event), None)),
         )
         .collect()
-}
-
-/// The size of a packet over the incoming limit, when that ended the connection.
-pub fn oversized(e: &ConnectionError) -> Option<usize> {
-    match e {
-        ConnectionError::V4(rumqttc::ConnectionError::MqttState(StateError::Deserialization(
-            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
-        ))) => Some(*n),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
@@ -370,7 +347,7 @@ mod tests {
             s.write_all(&burst).unwrap();
         });
         let (_client, eventloop) = AsyncClient::new(options(port), 10);
-        let seen = until_second_connack(events(eventloop, 1 << 20)).await;
+        let seen = until_second_connack(events(eventloop)).await;
         assert_eq!(
             seen,
             [
@@ -430,7 +407,7 @@ mod tests {
         client
             .try_publish("t", QoS::AtLeastOnce, false, vec![0u8; 4 << 20])
             .unwrap();
-        let seen = until_second_connack(events(eventloop, 8 << 20)).await;
+        let seen = until_second_connack(events(eventloop)).await;
         assert_eq!(seen[..2], ["ConnAck", "Err"]);
         assert_eq!(seen[2..], ["Outgoing::Publish(1)", "ConnAck"]);
     }
@@ -447,7 +424,7 @@ mod tests {
         });
         let (_client, eventloop) = AsyncClient::new(options(port), 10);
         let holding = Holding::default();
-        let mut events = events_holding(eventloop, 1 << 20, holding.clone());
+        let mut events = events_holding(eventloop, holding.clone());
         assert!(matches!(
             next_event(&mut events).await,
             Ok(Event::Incoming(Incoming::ConnAck(_)))
@@ -474,7 +451,7 @@ mod tests {
         options.set_keep_alive(Duration::from_secs(1));
         let (_client, eventloop) = AsyncClient::new(options, 10);
         let holding = Holding::default();
-        let mut events = events_holding(eventloop, 1 << 20, holding.clone());
+        let mut events = events_holding(eventloop, holding.clone());
         assert!(matches!(
             next_event(&mut events).await,
             Ok(Event::Incoming(Incoming::ConnAck(_)))

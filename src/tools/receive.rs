@@ -91,7 +91,7 @@ pub fn run(mut config: Config, args: &ReceiveArgs) -> Result<(), Error> {
         .enable_all()
         .build()
         .expect("a runtime starts");
-    runtime.block_on(receiver.run(mqtt::events(eventloop, config.max_packet_bytes())))
+    runtime.block_on(receiver.run(mqtt::events(eventloop)))
 }
 
 /// What `receive` is doing. Only its own task touches it.

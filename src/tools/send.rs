@@ -96,7 +96,7 @@ pub fn run(mut config: Config, args: SendArgs) -> Result<(), Error> {
         verbose: false,
         progress: None,
     };
-    match runtime.block_on(sender.run(eventloop, config.max_packet_bytes(), args)) {
+    match runtime.block_on(sender.run(eventloop, args)) {
         0 => Ok(()),
         failed => Err(Error::NotSent(failed)),
     }
@@ -171,8 +171,8 @@ impl Schedule {
 
 impl Sender {
     /// Sends everything the arguments ask for; returns how many files were not sent.
-    async fn run(mut self, eventloop: mqtt::EventLoop, max_packet: usize, args: SendArgs) -> u64 {
-        let mut events = mqtt::events(eventloop, max_packet);
+    async fn run(mut self, eventloop: mqtt::EventLoop, args: SendArgs) -> u64 {
+        let mut events = mqtt::events(eventloop);
         let files = expand(&args.files, &mut self.failed);
         let mut schedule = Schedule::new(&args, files);
         self.verbose =

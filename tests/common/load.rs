@@ -60,7 +60,7 @@ async fn publish(
     ));
     let (client, eventloop) = AsyncClient::new(options, 64);
     let client = imaged::mqtt::Client::from(client);
-    let mut events = imaged::mqtt::events(eventloop, 64 << 20);
+    let mut events = imaged::mqtt::events(eventloop);
     let mut acked = vec![false; images.len()];
     let mut queue: VecDeque<usize> = (0..images.len()).collect();
     let mut inflight = PublishWindow::new(window);
