@@ -596,33 +596,3 @@ fn base64_text_and_data_uris_are_stored_as_their_jpeg_and_base64_of_anything_els
         .collect();
     assert_eq!(quarantined, vec![not_jpeg.into_bytes()], "kept as it came");
 }
-
-#[test]
-fn a_reload_turns_on_events_and_per_camera_retained_topics_for_the_images_stored_from_then_on() {
-    let broker = Broker::start();
-    let events = Sub::start(broker.port, &["imaged/events"]);
-    let mut daemon =
-        Daemon::start_with(broker.port, "[topics]\nupload = \"image/upload/+\"\n", &[]);
-    daemon.wait_ready();
-    let before = jpeg(1800, 2000);
-    assert!(broker.mosquitto_pub("image/upload/cam1", &before));
-    wait_until("it is republished", Duration::from_secs(10), || {
-        daemon.log_count("Image re-published on topic 'image/stored'") == 1
-    });
-    daemon.reconfigure(
-        "[topics]\nevents = \"imaged/events\"\nstored = \"image/stored/{camera}\"\nretain_stored = true\n",
-    );
-    signal(daemon.pid(), libc::SIGHUP);
-    wait_until("the reload is applied", Duration::from_secs(10), || {
-        daemon.log().contains("Reloaded ")
-    });
-    let after = jpeg(1801, 2000);
-    assert!(broker.mosquitto_pub("image/upload/cam1", &after));
-    let got = events.wait_on("imaged/events", 1);
-    assert_eq!(
-        json(&got[0])["sha256"],
-        hex(&sha(&after)),
-        "no event for the earlier image"
-    );
-    assert_eq!(retained(broker.port, "image/stored/cam1"), Some(after));
-}
