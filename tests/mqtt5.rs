@@ -103,7 +103,10 @@ fn an_image_event_in_mqtt_5_carries_content_type_application_json() {
     let line = output_within(sub, Duration::from_secs(15));
     let (content_type, event) = line.trim().split_once('|').expect(&line);
     assert_eq!(content_type, "application/json", "{line}");
-    assert!(event.starts_with('{') && event.contains("\"sha256\""), "{line}");
+    assert!(
+        event.starts_with('{') && event.contains("\"sha256\""),
+        "{line}"
+    );
 }
 
 #[test]
