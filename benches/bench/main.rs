@@ -78,7 +78,7 @@ struct Args {
     /// Runs per size; the tables show medians [default: 2]
     #[arg(long)]
     runs: Option<usize>,
-    /// Seconds of publishing in each loaded phase [default: 3]
+    /// Seconds of publishing in each loaded phase [default: 2]
     #[arg(long)]
     seconds: Option<f64>,
     /// Images per loaded phase instead of --seconds
@@ -201,7 +201,7 @@ impl Ctx {
         let stop = match (self.args.count, self.args.smoke) {
             (Some(n), _) => Stop::Count(n),
             (None, true) => Stop::Count(300),
-            (None, false) => Stop::After(Duration::from_secs_f64(self.args.seconds.unwrap_or(3.0))),
+            (None, false) => Stop::After(Duration::from_secs_f64(self.args.seconds.unwrap_or(2.0))),
         };
         Phase {
             window,
