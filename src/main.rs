@@ -41,6 +41,11 @@ fn main() -> ExitCode {
             tools::prune::run(&config, &args, daemon::outbox_names)
                 .map_err(|e| report("imaged prune", &e, e.exit()))
         }),
+        // No config loaded: a broken file is what the daemon is to report.
+        Some(Command::Reload(args)) => {
+            tools::reload::run(path.unwrap_or(Path::new(DEFAULT_PATH)), &args)
+                .map_err(|e| report("imaged reload", &e, e.exit()))
+        }
         Some(Command::GenerateAssets { dir }) => {
             tools::assets::run(&dir).map_err(|e| report("imaged", e, Exit::Failure))
         }
