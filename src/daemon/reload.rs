@@ -91,14 +91,15 @@ async fn reload(running: &mut Config, parts: &Parts) -> Result<String, String> {
     };
     let plan = config::reload::plan(running, &new);
     let now = plan.config;
+    // For `imaged reload`'s answer, which is one line.
     let mut later = String::new();
     if !plan.restart.is_empty() {
-        later = format!("; {} wait for a restart", plan.restart.join(", "));
+        let keys = plan.restart.join(", ");
         warn!(
-            "Reload: {} changed and take effect at the next restart (systemctl restart imaged); until then \
-             imaged keeps their old values",
-            plan.restart.join(", ")
+            "Reload: {keys} changed and take effect at the next restart (systemctl restart imaged); until then \
+             imaged keeps their old values"
         );
+        later = format!("; {keys} wait for a restart");
     }
     if plan.applied.is_empty() {
         let line = format!("Reloaded {}: nothing to change now", now.path.display());

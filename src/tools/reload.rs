@@ -21,7 +21,7 @@ pub enum Error {
         "which imaged to reload? Give --pid PID (systemd sets MAINPID for ExecReload=, the default)"
     )]
     NoPid,
-    #[error("MAINPID is '{0}', not a process id")]
+    #[error("'{0}' is not a process id")]
     BadPid(String),
     #[error("cannot signal imaged (process {pid}): {source}")]
     Signal { pid: u32, source: std::io::Error },
@@ -54,7 +54,11 @@ pub fn run(config: &Path, args: &ReloadArgs) -> Result<(), Error> {
         (None, Ok(main)) => main.trim().parse().map_err(|_| Error::BadPid(main))?,
         (None, Err(_)) => return Err(Error::NoPid),
     };
-    let target = i32::try_from(pid).map_err(|_| Error::BadPid(pid.to_string()))?;
+    // kill(0, …) would signal this process's whole group.
+    let target = i32::try_from(pid)
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| Error::BadPid(pid.to_string()))?;
     let file = answer_file(
         std::env::var("RUNTIME_DIRECTORY").ok().as_deref(),
         &state_dir(config),
