@@ -294,6 +294,29 @@ fn imaged_reload_returns_once_the_new_upload_filter_is_subscribed_so_an_upload_r
             || hashes_in(&daemon.images).contains_key(&sha(&image)),
         );
     }
+
+    // The answer waits for the broker's SUBACK: with the broker stopped, `imaged reload` waits too.
+    daemon.reconfigure("[topics]\nupload = \"late/+/jpeg\"\n");
+    signal(broker.pid(), libc::SIGSTOP);
+    let reload = {
+        let (config, pid) = (daemon.config.clone(), pid.clone());
+        std::thread::spawn(move || {
+            Command::new(imaged_bin())
+                .args(["--config".as_ref(), config.as_os_str()])
+                .args(["reload", "--pid", &pid])
+                .env_remove("RUNTIME_DIRECTORY")
+                .status()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let waited = !reload.is_finished();
+    signal(broker.pid(), libc::SIGCONT);
+    assert!(
+        waited,
+        "imaged reload returned before the broker acknowledged the new filter"
+    );
+    assert!(reload.join().unwrap().success());
     assert!(daemon.try_wait().is_none(), "imaged runs on");
 }
 
