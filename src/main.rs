@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         }),
         // No config loaded: a broken file is what the daemon is to report.
         Some(Command::Reload(args)) => {
+            end_quietly_when_stdout_closes();
             tools::reload::run(path.unwrap_or(Path::new(DEFAULT_PATH)), &args)
                 .map_err(|e| report("imaged reload", &e, e.exit()))
         }
