@@ -12,7 +12,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::scenarios::{self, Run};
+use common::scenarios::{self, Mqtt, Run};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -33,13 +33,13 @@ fn round(seed: u64, only: Option<&str>) -> Vec<Run> {
     let wanted = |kind: &str| only.is_none_or(|o| o == kind);
     let mut runs = Vec::new();
     if wanted("imaged") {
-        runs.push(scenarios::imaged_kills(seed + 1, 8000, 150));
+        runs.push(scenarios::imaged_kills(seed + 1, 8000, 150, Mqtt::V311));
     }
     if wanted("broker") {
-        runs.push(scenarios::broker_kills(seed + 2, 3000, 30));
+        runs.push(scenarios::broker_kills(seed + 2, 3000, 30, Mqtt::V311));
     }
     if wanted("network") {
-        runs.push(scenarios::network_faults(seed + 3, 4000, 15));
+        runs.push(scenarios::network_faults(seed + 3, 4000, 15, Mqtt::V311));
     }
     if wanted("disk") && scenarios::can_mount() {
         runs.push(scenarios::disk_faults(seed + 4, 4000, 15));

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::scenarios::{self, Run};
+use common::scenarios::{self, Mqtt, Run};
 
 fn report(run: &Run) {
     println!("{}", scenarios::table(std::slice::from_ref(run)));
@@ -14,17 +14,17 @@ fn report(run: &Run) {
 
 #[test]
 fn imaged_killed_at_random_moments_loses_and_duplicates_nothing() {
-    report(&scenarios::imaged_kills(1, 800, 12));
+    report(&scenarios::imaged_kills(1, 800, 12, Mqtt::V311));
 }
 
 #[test]
 fn broker_killed_and_restarted_at_random_moments_loses_nothing() {
-    report(&scenarios::broker_kills(2, 600, 6));
+    report(&scenarios::broker_kills(2, 600, 6, Mqtt::V311));
 }
 
 #[test]
 fn network_cuts_black_holes_and_trickles_lose_nothing() {
-    report(&scenarios::network_faults(3, 600, 4));
+    report(&scenarios::network_faults(3, 600, 4, Mqtt::V311));
 }
 
 #[test]
@@ -87,4 +87,13 @@ fn memory_stays_within_the_documented_bound_under_a_flood_of_the_largest_images(
         last <= 48 * 1024 * 1024,
         "RSS stays up when idle: {after_round:?}"
     );
+}
+
+/// MQTT 5 numbers republishes within the broker's Receive Maximum (20 in Mosquitto), not within imaged's
+/// own packet-id margin, and faults make rumqttc send its publishes again out of order.
+#[test]
+fn in_mqtt_5_kills_of_imaged_and_broker_and_network_faults_lose_nothing() {
+    report(&scenarios::broker_kills(12, 300, 4, Mqtt::V5));
+    report(&scenarios::network_faults(13, 300, 3, Mqtt::V5));
+    report(&scenarios::imaged_kills(11, 300, 5, Mqtt::V5));
 }

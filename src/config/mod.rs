@@ -438,6 +438,13 @@ impl Broker {
         if self.keep_alive_secs == 0 || self.keep_alive_secs > 65535 {
             return err("broker.keep_alive_secs", "must be between 1 and 65535");
         }
+        if self.protocol == Protocol::V5 && self.keep_alive_secs < 5 {
+            // rumqttc's MQTT 5 client refuses a shorter one (it panics).
+            return err(
+                "broker.keep_alive_secs",
+                "must be at least 5 with broker.protocol = \"5\"",
+            );
+        }
         if self.connect_timeout_secs == 0 {
             return err("broker.connect_timeout_secs", "must be at least 1");
         }
@@ -772,6 +779,14 @@ mod tests {
         );
         let err = parse("[broker]\nsession_expiry = \"0\"\n").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("broker.session_expiry"));
+    }
+
+    #[test]
+    fn an_mqtt_5_keep_alive_under_five_seconds_is_a_config_error_not_a_crash() {
+        let err = parse("[broker]\nprotocol = \"5\"\nkeep_alive_secs = 4\n").unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("broker.keep_alive_secs"));
+        assert!(parse("[broker]\nprotocol = \"5\"\nkeep_alive_secs = 5\n").is_ok());
+        assert!(parse("[broker]\nkeep_alive_secs = 4\n").is_ok());
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //!   settles it again. What rumqttc had parsed on a connection that failed comes after that connection's
 //!   error and before the next ConnAck ([`mqtt::after_failure`]), so it is never taken for the new one's;
 //! * republishes are matched to their packet ids through rumqttc's `Outgoing::Publish` events, which come in
-//!   request order; those a lost broker session dropped go back to the pipeline to be sent again;
+//!   request order; those a lost broker session dropped go back to the pipeline to be sent again. The window
+//!   follows subscribes' packet ids too, to know which ids its publishes will get (MQTT 5 wraps them soon);
 //! * it stops reading from the broker while `limits.inflight_*` uploads are unsettled, which bounds memory,
 //!   and meanwhile keeps the connection alive with pings that read nothing ([`mqtt::events_holding`]);
 //! * reconnects back off with jitter, and each episode of trouble is logged once, in words;
@@ -515,6 +516,16 @@ impl Session {
                     "a publish went out that is no republish waiting for a packet id"
                 ),
             },
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid) | Outgoing::Unsubscribe(pkid))) => {
+                self.republishes.id_taken(pkid)
+            }
+            // The window keeps the ids a publish will get free; a second such publish would replace this one.
+            Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                warn!(
+                    pkid,
+                    "a publish got a packet id still in use; rumqttc holds it back"
+                )
+            }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => self.disconnected = true,
             Ok(Event::Outgoing(Outgoing::PingReq)) => self.last_ping = Instant::now(),
             Ok(_) => {}
@@ -554,6 +565,7 @@ impl Session {
         }
         let (unnumbered, on_wire) = self.republishes.stages();
         debug!(
+            packet_ids = self.client.packet_ids(),
             "republishes: {unnumbered} waiting for a packet id, {on_wire} for their PUBACK, {} not sent yet",
             self.to_send.len()
         );

@@ -7,6 +7,8 @@
 //! event is converted.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use rumqttc::v5;
@@ -27,7 +29,35 @@ use super::relay::Relay;
 #[derive(Debug, Clone)]
 pub enum Client {
     V4(rumqttc::AsyncClient),
-    V5(v5::AsyncClient),
+    V5(v5::AsyncClient, PacketIds),
+}
+
+/// How many packet ids rumqttc's MQTT 5 client hands out in turn (1 up to it, then 1 again): its
+/// outgoing-inflight upper limit, lowered to the broker's Receive Maximum by each CONNACK that has one.
+/// The event loop's stream ([`super::events`]) sets it, the publish window reads it.
+#[derive(Debug, Clone)]
+pub struct PacketIds(Arc<AtomicU16>);
+
+impl PacketIds {
+    pub fn new(options: &v5::MqttOptions) -> PacketIds {
+        let upper_limit = options.get_outgoing_inflight_upper_limit();
+        PacketIds(Arc::new(AtomicU16::new(
+            upper_limit.unwrap_or(u16::MAX).max(1),
+        )))
+    }
+
+    pub fn get(&self) -> u16 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// What rumqttc does with a CONNACK: a Receive Maximum caps the ids at the upper limit it was built with.
+    pub fn connected(&self, options: &v5::MqttOptions, receive_max: Option<u16>) {
+        let upper_limit = options.get_outgoing_inflight_upper_limit();
+        if let Some(max) = receive_max {
+            let max = max.min(upper_limit.unwrap_or(u16::MAX)).max(1);
+            self.0.store(max, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The event loop of either version (see [`super::events`]); one lives for the whole run, so its size
@@ -38,7 +68,7 @@ pub enum Client {
 )]
 pub enum EventLoop {
     V4(rumqttc::EventLoop, Option<Relay>),
-    V5(v5::EventLoop),
+    V5(v5::EventLoop, PacketIds),
 }
 
 impl From<rumqttc::EventLoop> for EventLoop {
@@ -81,10 +111,19 @@ fn qos4(qos: QoS5) -> QoS {
 }
 
 impl Client {
+    /// The packet ids a publish may get, where they wrap soon enough to matter (MQTT 5: the broker's Receive
+    /// Maximum); `None` for 3.1.1, whose ids outnumber the window many times ([`super::packet_id_space`]).
+    pub fn packet_ids(&self) -> Option<u16> {
+        match self {
+            Client::V4(_) => None,
+            Client::V5(_, ids) => Some(ids.get()),
+        }
+    }
+
     pub fn try_subscribe(&self, filter: String, qos: QoS) -> Result<(), NotQueued> {
         match self {
             Client::V4(c) => c.try_subscribe(filter, qos).map_err(|_| NotQueued),
-            Client::V5(c) => c.try_subscribe(filter, qos5(qos)).map_err(|_| NotQueued),
+            Client::V5(c, _) => c.try_subscribe(filter, qos5(qos)).map_err(|_| NotQueued),
         }
     }
 
@@ -98,7 +137,7 @@ impl Client {
                         .map(|(f, qos)| rumqttc::SubscribeFilter::new(f.clone(), *qos)),
                 )
                 .map_err(|_| NotQueued),
-            Client::V5(c) => c
+            Client::V5(c, _) => c
                 .try_subscribe_many(
                     filters
                         .iter()
@@ -111,7 +150,7 @@ impl Client {
     pub fn try_unsubscribe(&self, filter: String) -> Result<(), NotQueued> {
         match self {
             Client::V4(c) => c.try_unsubscribe(filter).map_err(|_| NotQueued),
-            Client::V5(c) => c.try_unsubscribe(filter).map_err(|_| NotQueued),
+            Client::V5(c, _) => c.try_unsubscribe(filter).map_err(|_| NotQueued),
         }
     }
 
@@ -123,7 +162,7 @@ impl Client {
                 publish.pkid = pkid;
                 c.try_ack(&publish).map_err(|_| NotQueued)
             }
-            Client::V5(c) => {
+            Client::V5(c, _) => {
                 let mut publish = Publish5::new("", qos5(qos), Vec::new(), None);
                 publish.pkid = pkid;
                 c.try_ack(&publish).map_err(|_| NotQueued)
@@ -134,7 +173,7 @@ impl Client {
     pub fn try_disconnect(&self) -> Result<(), NotQueued> {
         match self {
             Client::V4(c) => c.try_disconnect().map_err(|_| NotQueued),
-            Client::V5(c) => c.try_disconnect().map_err(|_| NotQueued),
+            Client::V5(c, _) => c.try_disconnect().map_err(|_| NotQueued),
         }
     }
 
@@ -152,7 +191,7 @@ impl Client {
                 .publish_bytes(topic, qos, retain, payload)
                 .await
                 .map_err(|_| NotQueued),
-            Client::V5(c) => {
+            Client::V5(c, _) => {
                 let properties = PublishProperties {
                     content_type: properties.content_type.clone(),
                     user_properties: properties.user.clone(),

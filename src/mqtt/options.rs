@@ -7,7 +7,7 @@ use rumqttc::{
     v5, AsyncClient, LastWill, MqttOptions, NetworkOptions, QoS, TlsConfiguration, Transport,
 };
 
-use super::client::{Client, EventLoop};
+use super::client::{Client, EventLoop, PacketIds};
 use super::credentials::password;
 use super::relay::Relay;
 use super::tls::tls_config;
@@ -138,8 +138,9 @@ pub fn connect(
                 options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
             }
             options.set_network_options(network);
-            let (client, eventloop) = v5::AsyncClient::new(options, 256);
-            (Client::V5(client), EventLoop::V5(eventloop))
+            let ids = PacketIds::new(&options);
+            let (client, events) = v5::AsyncClient::new(options, 256);
+            (Client::V5(client, ids.clone()), EventLoop::V5(events, ids))
         }
     })
 }
@@ -152,6 +153,8 @@ pub fn connect(
 /// take theirs from the same counter, among the spare ones), and the ids cannot wrap onto one still in use.
 /// Ids are 16 bits: the margin holds for windows up to [`MAX_WINDOW`], which is why every publish window is
 /// capped there ([`window`]).
+/// With MQTT 5 rumqttc's ids wrap at the broker's Receive Maximum instead (20 in Mosquitto), so there is no
+/// margin: the window itself waits until the ids its publishes will get are free ([`super::PublishWindow`]).
 pub fn packet_id_space(window: u16) -> u16 {
     u16::try_from((u32::from(window.max(1)) * 16).max(1024)).unwrap_or(u16::MAX)
 }

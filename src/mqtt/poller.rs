@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use rumqttc::{Event, Incoming, Outgoing, Packet};
+use rumqttc::{v5, Event, Incoming, Outgoing, Packet};
 
 use super::client::{from_v5, ConnectionError, EventLoop};
 use super::relay::Relay;
@@ -106,7 +106,7 @@ impl Poller {
                 };
             }
         }
-        if let EventLoop::V5(_) = self.eventloop {
+        if let EventLoop::V5(..) = self.eventloop {
             while self.holding.get() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -137,9 +137,13 @@ impl Poller {
                     }
                 })
             }
-            EventLoop::V5(eventloop) => loop {
+            EventLoop::V5(eventloop, ids) => loop {
                 match eventloop.poll().await {
                     Ok(event) => {
+                        if let v5::Event::Incoming(v5::Incoming::ConnAck(ack)) = &event {
+                            let receive_max = ack.properties.as_ref().and_then(|p| p.receive_max);
+                            ids.connected(&eventloop.options, receive_max);
+                        }
                         if let Some(event) = from_v5(event) {
                             break Ok(event);
                         }
@@ -168,7 +172,7 @@ impl Poller {
         self.wait = Some(wait);
         let parsed: Vec<Event> = match &mut self.eventloop {
             EventLoop::V4(eventloop, _) => eventloop.state.events.drain(..).collect(),
-            EventLoop::V5(eventloop) => eventloop
+            EventLoop::V5(eventloop, _) => eventloop
                 .state
                 .events
                 .drain(..)

@@ -5,6 +5,13 @@
 //! request order), and it forgets what it still had when the broker starts a new session. The window follows
 //! each item through those two stages, so that a PUBACK names the right item and a lost session gives every
 //! unconfirmed item back to be published again.
+//!
+//! With MQTT 5, rumqttc hands out packet ids 1 up to the broker's Receive Maximum (20 in Mosquitto) and
+//! wraps. A publish whose id is still in use "collides": rumqttc keeps one colliding publish aside and lets a
+//! second one replace it, silently. Publishes it sends again after a resumed session go out in packet-id
+//! order, not publish order, and bypass its flow control together with what was still in the channel, so
+//! after a reconnect that can happen. The window therefore hands rumqttc a publish only when the ids it and
+//! those queued before it will get are all free ([`PublishWindow::ids_free`]).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -33,7 +40,13 @@ pub struct PublishWindow<T> {
     /// On the wire, waiting for the broker's PUBACK, with the order they were numbered in.
     by_pkid: HashMap<u16, (u64, T)>,
     numbered: u64,
+    /// The last packet id rumqttc handed out (to a publish, subscribe or unsubscribe): the next is one more.
+    last_id: u16,
 }
+
+/// Ids kept free beyond those of the queued publishes, for subscribes and unsubscribes queued among them
+/// (each takes the next id too; the session sends one subscribe and few unsubscribes per connection).
+const SPARE_IDS: usize = 4;
 
 impl<T> PublishWindow<T> {
     /// A window of up to `capacity` publishes not yet confirmed.
@@ -43,6 +56,7 @@ impl<T> PublishWindow<T> {
             unnumbered: VecDeque::new(),
             by_pkid: HashMap::new(),
             numbered: 0,
+            last_id: 0,
         }
     }
 
@@ -78,7 +92,7 @@ impl<T> PublishWindow<T> {
         properties: &Properties,
         item: T,
     ) -> Result<(), T> {
-        if !self.has_room() {
+        if !self.has_room() || !client.packet_ids().is_none_or(|ids| self.ids_free(ids)) {
             return Err(item);
         }
         match client
@@ -93,11 +107,32 @@ impl<T> PublishWindow<T> {
         }
     }
 
+    /// Whether the publishes waiting for a packet id and one more would all get ids no publish on the wire
+    /// holds, when rumqttc hands out ids 1 to `ids` in turn; [`SPARE_IDS`] more are kept free for subscribes
+    /// as far as there are ids.
+    fn ids_free(&self, ids: u16) -> bool {
+        let needed = self.unnumbered.len() + 1;
+        if needed > usize::from(ids) {
+            return false;
+        }
+        let mut id = self.last_id;
+        (0..(needed + SPARE_IDS).min(usize::from(ids))).all(|_| {
+            id = if id >= ids { 1 } else { id + 1 };
+            !self.by_pkid.contains_key(&id)
+        })
+    }
+
+    /// rumqttc gave a subscribe or unsubscribe `pkid` (`Outgoing::Subscribe`, `Outgoing::Unsubscribe`).
+    pub fn id_taken(&mut self, pkid: u16) {
+        self.last_id = pkid;
+    }
+
     /// rumqttc wrote a publish out with `pkid` (`Outgoing::Publish`).
     pub fn numbered(&mut self, pkid: u16) -> Numbered {
         if self.by_pkid.contains_key(&pkid) {
             return Numbered::Again;
         }
+        self.last_id = pkid;
         match self.unnumbered.pop_front() {
             Some(item) => {
                 self.numbered += 1;
@@ -171,6 +206,63 @@ mod tests {
         assert_eq!(w.acked(2), Some("b"));
         assert_eq!(w.take_all(), vec!["a", "c", "d"]);
         assert!(w.is_empty());
+    }
+
+    fn on_wire(ids: &[u16], last_id: u16) -> PublishWindow<u16> {
+        let mut w = PublishWindow::new(64);
+        w.unnumbered.extend(ids);
+        for &id in ids {
+            w.numbered(id);
+        }
+        w.last_id = last_id;
+        w
+    }
+
+    #[test]
+    fn a_publish_waits_while_the_ids_rumqttc_would_give_it_are_in_use() {
+        // Ids 1 to 20 (Mosquitto's Receive Maximum), 1 to 15 on the wire, 15 the last one handed out.
+        let ids: Vec<u16> = (1..=15).collect();
+        let mut w = on_wire(&ids, 15);
+        assert!(w.ids_free(20), "16 to 20 are free");
+        w.unnumbered.push_back(0);
+        assert!(!w.ids_free(20), "16 to 20 would not be enough");
+        w.acked(1);
+        assert!(w.ids_free(20), "16 to 20, then 1 (wrapped)");
+    }
+
+    #[test]
+    fn ids_wrap_after_the_last_one_rumqttc_hands_out() {
+        // After a resumed session rumqttc sends again in id order: 19 and 20 may stay while 1 to 14 came and
+        // went, so the next ids after 14 run into 19.
+        let w = on_wire(&[19, 20], 13);
+        assert!(w.ids_free(20));
+        let w = on_wire(&[19, 20], 14);
+        assert!(!w.ids_free(20));
+        let w = on_wire(&[2], 20);
+        assert!(!w.ids_free(20), "20 wraps to 1, then 2");
+    }
+
+    #[test]
+    fn with_few_ids_every_id_must_be_free_and_no_more_may_wait_than_there_are_ids() {
+        assert!(on_wire(&[], 3).ids_free(3));
+        assert!(!on_wire(&[1], 3).ids_free(3));
+        let mut w = on_wire(&[], 3);
+        w.unnumbered.extend([0, 0]);
+        assert!(w.ids_free(3));
+        w.unnumbered.push_back(0);
+        assert!(
+            !w.ids_free(3),
+            "a fourth publish would get the first one's id"
+        );
+    }
+
+    #[test]
+    fn subscribes_move_the_next_id_on() {
+        let mut w = on_wire(&[9], 2);
+        w.id_taken(3);
+        assert!(w.ids_free(20));
+        w.id_taken(4);
+        assert!(!w.ids_free(20));
     }
 
     #[test]
