@@ -41,6 +41,10 @@ pub enum Command {
     /// Delete the oldest stored images as [retention] says, now (safe while the daemon runs: it asks the
     /// daemon to do it); --dry-run only says what would go
     Prune(PruneArgs),
+    /// Reload the running daemon's config (SIGHUP) and wait until it has applied the file or refused it
+    /// (exit 0 when applied, 1 when refused: imaged then keeps running on the config it had); the unit's
+    /// ExecReload=, so `systemctl reload imaged` waits for it
+    Reload(ReloadArgs),
     /// Write the man pages and shell completions into DIR (used to build the package)
     #[command(hide = true)]
     GenerateAssets {
@@ -101,6 +105,13 @@ pub struct PruneArgs {
     /// Print what the policy would delete now (count, bytes, oldest and newest), and delete nothing
     #[arg(long)]
     pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// The daemon's process id [default: MAINPID, which systemd sets for ExecReload=]
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
 }
 
 #[derive(Debug, Args)]

@@ -31,12 +31,13 @@
 //!   options, credentials, TLS, the event
 //!   loop as a backing-off stream, the [`mqtt::PublishWindow`], connection errors in words, and the check of
 //!   a local Mosquitto's settings.
-//! * [`tools`]: `imaged send`, `imaged receive`, `imaged check-config`, `imaged prune` and
-//!   `generate-assets`.
+//! * [`tools`]: `imaged send`, `imaged receive`, `imaged check-config`, `imaged prune`, `imaged reload`
+//!   (SIGHUP, then the daemon's answer) and `generate-assets`.
 //!
 //! Shared by all of them, at the top:
 //! * [`config`]: the TOML file, its defaults and its validation; errors name the file and `section.key`;
-//!   which keys a reload applies at once ([`config::reload`]).
+//!   which keys a reload applies at once, and the answer the daemon leaves for `imaged reload`
+//!   ([`config::reload`]).
 //! * [`storage`]: names, the JPEG check, the atomic never-replacing durable write, free space; errors name
 //!   the path. [`layout`]: where an image goes.
 //! * [`retention`]: the catalog of stored images, the policy, and the pass that deletes the oldest (the

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             })
         }),
         Some(Command::CheckConfig) => start(required(), cli.log_level).and_then(|(config, _)| {
+            end_quietly_when_stdout_closes();
             tools::check_config::run(&config).map_err(|e| config_error(&e))
         }),
         Some(Command::Send(args)) => {
@@ -38,9 +39,16 @@ fn main() -> ExitCode {
                     .map_err(|e| report("imaged receive", &e, e.exit()))
             }),
         Some(Command::Prune(args)) => start(required(), cli.log_level).and_then(|(config, _)| {
+            end_quietly_when_stdout_closes();
             tools::prune::run(&config, &args, daemon::outbox_names)
                 .map_err(|e| report("imaged prune", &e, e.exit()))
         }),
+        // No config loaded: a broken file is what the daemon is to report.
+        Some(Command::Reload(args)) => {
+            end_quietly_when_stdout_closes();
+            tools::reload::run(path.unwrap_or(Path::new(DEFAULT_PATH)), &args)
+                .map_err(|e| report("imaged reload", &e, e.exit()))
+        }
         Some(Command::GenerateAssets { dir }) => {
             tools::assets::run(&dir).map_err(|e| report("imaged", e, Exit::Failure))
         }
@@ -59,6 +67,16 @@ fn start(
     let config = config.map_err(|e| config_error(&e))?;
     let level = logging::init(flag, std::env::var("RUST_LOG").ok(), config.log.level);
     Ok((config, level))
+}
+
+/// For the commands that only print (`imaged prune | head`, `imaged check-config | grep -q`): a reader that
+/// stops reading ends them quietly, as it would any Unix tool, instead of a panic in `println!`. Not for the
+/// daemon, send or receive: a closed socket must come back to them as an error, not end them.
+fn end_quietly_when_stdout_closes() {
+    // SAFETY: only sets SIGPIPE's disposition back to the default.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn config_error(e: &ConfigError) -> Exit {

@@ -43,6 +43,28 @@ fn the_shipped_config_is_valid() {
 }
 
 #[test]
+fn check_config_into_a_reader_that_stopped_reading_ends_quietly_instead_of_panicking() {
+    use std::os::unix::process::ExitStatusExt;
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/imaged.toml");
+    let mut child = Command::new(imaged_bin())
+        .args(["check-config", "--config", shipped])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before imaged has read its config, so its first line meets a pipe nobody reads.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
+#[test]
 fn check_config_names_the_file_line_and_key_and_exits_78() {
     let (code, text) = check("[broker]\nhost = \"x\"\nprot = 8883\n");
     assert_eq!(code, Some(78));

@@ -186,8 +186,9 @@ max_image_bytes = 100000
         }
     }
     daemon.wait_stored(20, Duration::from_secs(20));
+    // A file is visible before its log line: wait for the lines, the oversized one's too.
     wait_until("every rejection is logged", Duration::from_secs(10), || {
-        daemon.log_count("rejected from topic") == 3
+        daemon.log_count("rejected from topic") == 3 && daemon.log_count("refused from topic") == 1
     });
     let log = daemon.log();
     for (_, reason) in &bad {

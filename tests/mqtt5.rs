@@ -90,6 +90,26 @@ fn a_republish_in_mqtt_5_carries_content_type_image_jpeg_and_its_camera_name_has
 }
 
 #[test]
+fn an_image_event_in_mqtt_5_carries_content_type_application_json() {
+    let broker = Broker::start();
+    let mut daemon = Daemon::start_with(
+        broker.port,
+        &format!("{MQTT5}[topics]\nevents = \"imaged/events\"\n"),
+        &[],
+    );
+    daemon.wait_ready();
+    let sub = sub_v5(broker.port, "imaged/events", 1, "%C|%p");
+    assert!(broker.mosquitto_pub(UPLOAD, &jpeg(8, 3000)));
+    let line = output_within(sub, Duration::from_secs(15));
+    let (content_type, event) = line.trim().split_once('|').expect(&line);
+    assert_eq!(content_type, "application/json", "{line}");
+    assert!(
+        event.starts_with('{') && event.contains("\"sha256\""),
+        "{line}"
+    );
+}
+
+#[test]
 fn in_mqtt_5_the_broker_drops_an_oversized_upload_itself_and_imaged_stores_the_next_one() {
     let broker = Broker::with(BrokerOptions {
         extra: "log_type debug\n".into(),

@@ -1,10 +1,12 @@
 //! Reload on SIGHUP against a real Mosquitto: what applies at once, what waits for a restart, a broken file,
-//! and the RELOADING=1 … READY=1 that `systemctl reload` waits for.
+//! the RELOADING=1 … READY=1 around it, and `imaged reload` (the unit's ExecReload=), which returns once the
+//! reload is done and fails when the file was refused.
 
 mod common;
 
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
@@ -249,4 +251,126 @@ fn events_and_retained_republishes_switched_on_by_a_reload_apply_to_the_next_ima
     let viewer = Observer::start(broker.port, "image/stored");
     viewer.wait_for(1, Duration::from_secs(5));
     assert!(viewer.seen().contains_key(&sha(&image)));
+}
+
+/// `imaged reload` as systemd's ExecReload= runs it, with `args`.
+fn imaged_reload(daemon: &Daemon, args: &[&str]) -> Output {
+    Command::new(imaged_bin())
+        .arg("--config")
+        .arg(&daemon.config)
+        .arg("reload")
+        .args(args)
+        .env_remove("MAINPID")
+        .env_remove("RUNTIME_DIRECTORY")
+        .output()
+        .expect("imaged reload runs")
+}
+
+#[test]
+fn imaged_reload_returns_once_the_new_upload_filter_is_subscribed_so_an_upload_right_after_it_is_stored(
+) {
+    let broker = Broker::start();
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+    let pid = daemon.pid().to_string();
+    for round in 0..3u64 {
+        let filter = format!("cams{round}/+/jpeg");
+        daemon.reconfigure(&format!("[topics]\nupload = \"{filter}\"\n"));
+        let out = imaged_reload(&daemon, &["--pid", &pid]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{out:?}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("topics.upload apply now"), "{stdout}");
+        assert!(stdout.contains(&format!("uploads '{filter}'")), "{stdout}");
+        // No wait for the log or anything else: once `imaged reload` returned, the new filter takes uploads.
+        let image = jpeg(45_000 + round, 3000);
+        assert!(broker.mosquitto_pub(&format!("cams{round}/door/jpeg"), &image));
+        wait_until(
+            "the image on the new filter",
+            Duration::from_secs(10),
+            || hashes_in(&daemon.images).contains_key(&sha(&image)),
+        );
+    }
+
+    // The answer waits for the broker's SUBACK: with the broker stopped, `imaged reload` waits too.
+    daemon.reconfigure("[topics]\nupload = \"late/+/jpeg\"\n");
+    signal(broker.pid(), libc::SIGSTOP);
+    let reload = {
+        let (config, pid) = (daemon.config.clone(), pid.clone());
+        std::thread::spawn(move || {
+            Command::new(imaged_bin())
+                .args(["--config".as_ref(), config.as_os_str()])
+                .args(["reload", "--pid", &pid])
+                .env_remove("RUNTIME_DIRECTORY")
+                .status()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let waited = !reload.is_finished();
+    signal(broker.pid(), libc::SIGCONT);
+    assert!(
+        waited,
+        "imaged reload returned before the broker acknowledged the new filter"
+    );
+    assert!(reload.join().unwrap().success());
+    assert!(daemon.try_wait().is_none(), "imaged runs on");
+}
+
+#[test]
+fn imaged_reload_exits_1_naming_line_and_key_of_a_broken_file_and_the_daemon_runs_on_the_old_config(
+) {
+    let broker = Broker::start();
+    let mut daemon = Daemon::start(&broker);
+    daemon.wait_ready();
+    let pid = daemon.pid().to_string();
+
+    let out = imaged_reload(&daemon, &[]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Give --pid PID"),
+        "{out:?}"
+    );
+
+    let config = std::fs::read_to_string(&daemon.config).unwrap();
+    std::fs::write(
+        &daemon.config,
+        format!("{config}[topics]\nupload = \"cams/+/jpeg\"\nuplod = 1\n"),
+    )
+    .unwrap();
+    let line = config.lines().count() + 3;
+    let out = imaged_reload(&daemon, &["--pid", &pid]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stderr.contains(&format!(
+            "imaged reload: Reload refused: {}:{line}: topics.uplod: unknown field",
+            daemon.config.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("keeps running on the configuration it had"),
+        "{stderr}"
+    );
+    assert!(
+        daemon.try_wait().is_none(),
+        "a refused reload never ends imaged"
+    );
+    assert!(broker.mosquitto_pub("image/upload", &jpeg(46_000, 3000)));
+    daemon.wait_stored(1, Duration::from_secs(10));
+
+    // Fixed, the next `imaged reload` hears the new reload's answer, not the refusal before it.
+    std::fs::write(
+        &daemon.config,
+        format!("{config}[topics]\nupload = \"cams/+/jpeg\"\n"),
+    )
+    .unwrap();
+    let out = imaged_reload(&daemon, &["--pid", &pid]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(broker.mosquitto_pub("cams/door/jpeg", &jpeg(46_001, 3000)));
+    daemon.wait_stored(2, Duration::from_secs(10));
 }

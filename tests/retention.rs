@@ -442,6 +442,29 @@ fn min_free_on_a_small_tmpfs_deletes_the_oldest_then_holds_acks_before_the_disk_
     }
 }
 
+/// Publishes in twelve rounds, so that images keep arriving over all the kills on a fast machine too (the
+/// broker acknowledges them whether imaged is up or not).
+fn publish_in_rounds(
+    port: u16,
+    topics: Vec<String>,
+    images: Vec<Vec<u8>>,
+) -> std::thread::JoinHandle<Vec<bool>> {
+    std::thread::spawn(move || {
+        let mut acked = Vec::new();
+        for (topics, images) in topics.chunks(125).zip(images.chunks(125)) {
+            acked.extend(publish_each(
+                port,
+                topics,
+                images,
+                32,
+                Duration::from_secs(300),
+            ));
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        acked
+    })
+}
+
 #[test]
 fn kill_9_during_retention_passes_loses_nothing_unconfirmed_and_leaves_index_and_catalog_consistent(
 ) {
@@ -459,16 +482,24 @@ fn kill_9_during_retention_passes_loses_nothing_unconfirmed_and_leaves_index_and
     let topics: Vec<String> = (0..images.len())
         .map(|i| format!("image/upload/cam{}", i % 4))
         .collect();
-    let publisher = {
-        let (images, port) = (images.clone(), broker.port);
-        std::thread::spawn(move || {
-            publish_each(port, &topics, &images, 32, Duration::from_secs(300))
-        })
-    };
+    let publisher = publish_in_rounds(broker.port, topics, images.clone());
     let mut rng = fastrand::Rng::with_seed(31);
-    // max_size is broken all the time: the kills land in passes, renames, republishes and acks alike.
-    for _ in 0..12 {
-        std::thread::sleep(Duration::from_millis(rng.u64(300..1500)));
+    // max_size is broken all the time: the kills land in passes, renames, republishes and acks alike. Every
+    // other kill waits for one more pass to have deleted something, then lands just after it: on a loaded
+    // machine, time alone may not give a start long enough to run one.
+    let deletions = |daemon: &Daemon| daemon.log().matches("Retention: deleted").count();
+    for kill in 0..12 {
+        if kill % 2 == 0 {
+            let before = deletions(&daemon);
+            wait_until(
+                "a retention pass deleted something",
+                Duration::from_secs(60),
+                || deletions(&daemon) > before || publisher.is_finished(),
+            );
+            std::thread::sleep(Duration::from_millis(rng.u64(0..200)));
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.u64(300..1500)));
+        }
         daemon.kill9();
         std::thread::sleep(Duration::from_millis(rng.u64(0..50)));
         daemon.spawn();

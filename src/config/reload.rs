@@ -1,5 +1,8 @@
 //! What a reload (SIGHUP, `systemctl reload imaged`) changes: the keys that apply at once, and those that
 //! keep their old values until a restart (they shape the connection, the folders or the memory bounds).
+//! And the answer the daemon leaves for `imaged reload`, which sent the signal and waits for it ([`Answer`]).
+
+use std::path::{Path, PathBuf};
 
 use super::{Broker, Config, HomeAssistant, Limits, Log, Retention, Storage, Topics};
 
@@ -146,10 +149,152 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
     }
 }
 
+/// The outcome of one reload, as the daemon writes it to [`answer_file`] once the reload is done (the new
+/// upload filter subscribed) and `imaged reload` reads it: one line, `<pid> <started> applied|refused <log
+/// line>`. `started` is when the daemon began to read the file, on the monotonic clock all processes of a
+/// boot share, so an answer from a reload that began before the signal was sent is never taken for its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub pid: u32,
+    /// Microseconds on CLOCK_MONOTONIC.
+    pub started: u64,
+    pub applied: bool,
+    /// What the daemon logged about it.
+    pub line: String,
+}
+
+impl Answer {
+    pub fn to_line(&self) -> String {
+        let outcome = if self.applied { "applied" } else { "refused" };
+        // One line, whatever the log line holds.
+        let line = self.line.replace('\n', " ");
+        format!("{} {} {outcome} {line}\n", self.pid, self.started)
+    }
+
+    pub fn parse(text: &str) -> Option<Answer> {
+        let mut fields = text.trim_end().splitn(4, ' ');
+        let pid = fields.next()?.parse().ok()?;
+        let started = fields.next()?.parse().ok()?;
+        let applied = match fields.next()? {
+            "applied" => true,
+            "refused" => false,
+            _ => return None,
+        };
+        Some(Answer {
+            pid,
+            started,
+            applied,
+            line: fields.next().unwrap_or_default().to_string(),
+        })
+    }
+
+    /// Whether this is the answer to a SIGHUP sent to `pid` at `sent` (monotonic microseconds): from that
+    /// process, of a reload that began no earlier. A reload that began later read the file as it was when
+    /// the signal was sent, or newer, so it answers for it even when another signal started it.
+    pub fn answers(&self, pid: u32, sent: u64) -> bool {
+        self.pid == pid && self.started >= sent
+    }
+}
+
+/// Where the daemon leaves its [`Answer`]: in the unit's runtime directory when systemd gives one
+/// (`RuntimeDirectory=`, `$RUNTIME_DIRECTORY`; the ExecReload= process is given it too, so it is found
+/// whatever the edited file says about the folders), else in the state folder.
+pub fn answer_file(runtime_directory: Option<&str>, state_dir: &Path) -> PathBuf {
+    match runtime_directory
+        .and_then(|dirs| dirs.split(':').next())
+        .filter(|d| !d.is_empty())
+    {
+        Some(dir) => Path::new(dir).join("reload"),
+        None => state_dir.join("reload"),
+    }
+}
+
+/// CLOCK_MONOTONIC in microseconds: the clock [`Answer::started`] is on.
+pub fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given; CLOCK_MONOTONIC always exists on Linux.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now);
+    }
+    let secs = u64::try_from(now.tv_sec).unwrap_or(0);
+    let micros = u64::try_from(now.tv_nsec).unwrap_or(0) / 1000;
+    secs * 1_000_000 + micros
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+
+    #[test]
+    fn an_answer_reads_back_as_written_and_a_torn_or_foreign_line_is_none() {
+        let answer = Answer {
+            pid: 812,
+            started: 5_000_123,
+            applied: false,
+            line: "Reload refused: /etc/imaged.toml:4: topics.uplod: unknown field\nmore".into(),
+        };
+        let line = answer.to_line();
+        assert_eq!(
+            line,
+            "812 5000123 refused Reload refused: /etc/imaged.toml:4: topics.uplod: unknown field more\n"
+        );
+        assert_eq!(
+            Answer::parse(&line).map(|a| a.line),
+            Some("Reload refused: /etc/imaged.toml:4: topics.uplod: unknown field more".into())
+        );
+        assert!(Answer::parse(&line).is_some_and(|a| !a.applied && a.pid == 812));
+        for bad in [
+            "",
+            "812",
+            "812 5000123",
+            "812 x applied ok",
+            "812 1 maybe ok",
+        ] {
+            assert_eq!(Answer::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_a_reload_of_that_process_that_began_at_or_after_the_signal_answers_it() {
+        let answer = |pid, started| Answer {
+            pid,
+            started,
+            applied: true,
+            line: String::new(),
+        };
+        let sent = 1_000;
+        assert!(answer(7, 1_000).answers(7, sent));
+        assert!(
+            answer(7, 2_500).answers(7, sent),
+            "a later reload read the file as it was"
+        );
+        assert!(
+            !answer(7, 999).answers(7, sent),
+            "a reload under way at the signal may have read the file before it was changed"
+        );
+        assert!(
+            !answer(8, 5_000).answers(7, sent),
+            "another process, an earlier daemon"
+        );
+    }
+
+    #[test]
+    fn the_answer_is_left_in_the_runtime_directory_when_systemd_gives_one() {
+        let state = Path::new("/var/lib/imaged/images/.imaged");
+        assert_eq!(
+            answer_file(Some("/run/imaged"), state),
+            Path::new("/run/imaged/reload")
+        );
+        assert_eq!(
+            answer_file(Some("/run/imaged:/run/other"), state),
+            Path::new("/run/imaged/reload")
+        );
+        assert_eq!(answer_file(None, state), state.join("reload"));
+        assert_eq!(answer_file(Some(""), state), state.join("reload"));
+    }
 
     fn parse(text: &str) -> Config {
         Config::parse(text, Path::new("/etc/imaged.toml")).unwrap()

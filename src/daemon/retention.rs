@@ -588,18 +588,25 @@ pub fn restore_lost_lines<'a>(
     image_dir: &Path,
 ) -> Result<usize, storage::PathError> {
     let last = writer.last_line()?;
-    let mut listed: Option<HashSet<String>> = None;
+    let mut listed: Option<HashMap<String, Vec<retention::Line>>> = None;
     let mut lost = Vec::new();
     for (hash, entry) in newest.take(100_000) {
-        if last.as_ref().is_some_and(|l| l.name == entry.name) {
+        if last
+            .as_ref()
+            .is_some_and(|l| l.lists(&entry.name, entry.size, hash))
+        {
             break;
         }
         if listed.is_none() {
-            listed = Some(writer.recent_names()?);
+            listed = Some(writer.recent_lines()?);
         }
+        let lists = |lines: &Vec<retention::Line>| {
+            lines.iter().any(|l| l.lists(&entry.name, entry.size, hash))
+        };
         if listed
             .as_ref()
-            .is_some_and(|names| names.contains(&entry.name))
+            .and_then(|names| names.get(&entry.name))
+            .is_some_and(lists)
         {
             break;
         }
@@ -637,6 +644,40 @@ pub enum LockError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_line_is_restored_when_an_earlier_image_deleted_by_retention_had_the_same_name() {
+        let state = tempfile::tempdir().unwrap();
+        let images = tempfile::tempdir().unwrap();
+        let (_, mut writer, _) = retention::catalog::open(state.path(), 0, || false).unwrap();
+        let name = "cam0/2026-12-01/123555/image_20261201-123555-21.jpg";
+        // The earlier image's line, still in the newest segment after retention deleted its file.
+        writer
+            .append(&[retention::Line {
+                at_ms: 1,
+                size: 7365,
+                hash: Some([1; 32]),
+                name: name.into(),
+            }])
+            .unwrap();
+        // The later image under the freed name, whose line a kill took.
+        let file = images.path().join(name);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, vec![0; 6604]).unwrap();
+        let later = Entry {
+            name: name.into(),
+            size: 6604,
+            confirmed: true,
+            origin: None,
+        };
+        let restored =
+            restore_lost_lines(&mut writer, [(&[2; 32], &later)].into_iter(), images.path());
+        assert_eq!(restored.unwrap(), 1);
+        // And the image that is listed stops the walk.
+        let restored =
+            restore_lost_lines(&mut writer, [(&[2; 32], &later)].into_iter(), images.path());
+        assert_eq!(restored.unwrap(), 0);
+    }
 
     #[test]
     fn a_name_given_twice_stays_pending_until_both_are_given_up() {

@@ -74,6 +74,9 @@ pub struct Settings {
 pub struct Reload {
     pub upload: String,
     pub stored: String,
+    /// Told (or dropped) once the reload is done here: a new upload filter is acknowledged by the broker,
+    /// or will be subscribed at the next connection.
+    pub done: tokio::sync::oneshot::Sender<()>,
 }
 
 /// The filter to unsubscribe: the one remembered from an earlier run, when it is not the configured one.
@@ -196,6 +199,8 @@ pub struct Session {
     need_subscribe: bool,
     /// The broker acknowledged a subscription on this connection since the filter last changed.
     subscribed: bool,
+    /// The reload waiting for the broker's acknowledgement of its new upload filter.
+    reload_done: Option<tokio::sync::oneshot::Sender<()>>,
     /// Old upload filters still in the persistent session, to unsubscribe once the current one is
     /// subscribed (so that nothing published meanwhile matches neither).
     unsubscribe: Vec<String>,
@@ -260,6 +265,7 @@ impl Session {
             to_send: VecDeque::new(),
             need_subscribe: false,
             subscribed: false,
+            reload_done: None,
             unsubscribe,
             resubscribe_at: None,
             had_session,
@@ -358,6 +364,9 @@ impl Session {
             self.unsubscribe.push(old);
             self.need_subscribe = true;
             self.subscribed = false;
+            if self.connected {
+                self.reload_done = Some(reload.done);
+            }
         }
     }
 
@@ -603,6 +612,10 @@ impl Session {
             }
             self.remember_subscription();
         }
+        // A refused filter is logged above; the reload itself is done.
+        if let Some(done) = self.reload_done.take() {
+            let _ = done.send(());
+        }
         if !refused(0) {
             self.online = true;
             let now = super::systemd::unix_ms();
@@ -618,6 +631,8 @@ impl Session {
         self.health.stats.connected.store(false, Ordering::Relaxed);
         self.gen += 1;
         self.acks.clear();
+        // The new filter is subscribed at the next connection.
+        self.reload_done = None;
         if self.stopping.is_some() && self.disconnect_sent {
             self.disconnected = true;
             return;

@@ -267,6 +267,14 @@ impl Status {
         let Some(topic) = self.settings.stats_topic() else {
             return Vec::new();
         };
+        // Called at every turn of the session's loop: nothing is built between two possible sends.
+        if self
+            .last_stats
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < STATS_MIN_GAP)
+        {
+            return Vec::new();
+        }
         let json = stats_json(stats, &self.settings.broker, &self.cameras, now_ms);
         // The age changes every second by itself: not a change.
         let without_age = |j: &StatsJson| StatsJson {

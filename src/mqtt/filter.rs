@@ -183,6 +183,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Filter<S> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if out.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if this.made_at < this.made.len() {
                 let n = (this.made.len() - this.made_at).min(out.remaining());

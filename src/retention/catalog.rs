@@ -57,6 +57,13 @@ pub struct Line {
 }
 
 impl Line {
+    /// Whether this line lists the image of that name, size and hash (a line the catch-up made has no hash).
+    /// The name alone does not tell: once retention has deleted an image, a later one stored in the same
+    /// second may get its name again.
+    pub fn lists(&self, name: &str, size: u64, hash: &Hash) -> bool {
+        self.name == name && self.size == size && self.hash.is_none_or(|h| h == *hash)
+    }
+
     /// The line, checksum and newline included.
     pub fn encode(&self) -> String {
         let hash = self.hash.map_or_else(|| "-".to_string(), |h| hex(&h));
@@ -388,9 +395,10 @@ impl Writer {
         Ok(None)
     }
 
-    /// The names in the newest two segments: what start-up compares the index's newest records with.
-    pub fn recent_names(&self) -> Result<std::collections::HashSet<String>, PathError> {
-        let mut names = std::collections::HashSet::new();
+    /// The lines of the newest two segments by name: what start-up compares the index's newest records with.
+    pub fn recent_lines(&self) -> Result<std::collections::HashMap<String, Vec<Line>>, PathError> {
+        let mut names: std::collections::HashMap<String, Vec<Line>> =
+            std::collections::HashMap::new();
         for segment in [self.segment.saturating_sub(1), self.segment] {
             let path = segment_path(&self.dir, segment);
             let file = match File::open(&path) {
@@ -400,7 +408,7 @@ impl Writer {
             };
             for line in BufReader::new(file).split(b'\n') {
                 if let Some(line) = Line::decode(&line.at("read", &path)?) {
-                    names.insert(line.name);
+                    names.entry(line.name.clone()).or_default().push(line);
                 }
             }
         }
