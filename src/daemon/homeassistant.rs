@@ -27,6 +27,9 @@ pub struct Device<'a> {
     pub client_id: &'a str,
     /// The status topic: availability, and `<status>/stats` for the sensors.
     pub status: &'a str,
+    /// What the status topic says while imaged is up, and when it is not.
+    pub online: &'a str,
+    pub offline: &'a str,
     /// `topics.stored`, `{camera}` not yet replaced.
     pub stored: &'a str,
 }
@@ -108,11 +111,8 @@ impl Device<'_> {
         let fields = entity.as_object_mut().expect("an entity is an object");
         fields.insert("unique_id".into(), json!(format!("{node}_{object}")));
         fields.insert("availability_topic".into(), json!(self.status));
-        fields.insert("payload_available".into(), json!(super::status::ONLINE));
-        fields.insert(
-            "payload_not_available".into(),
-            json!(super::status::OFFLINE),
-        );
+        fields.insert("payload_available".into(), json!(self.online));
+        fields.insert("payload_not_available".into(), json!(self.offline));
         fields.insert(
             "device".into(),
             json!({
@@ -167,6 +167,8 @@ mod tests {
             prefix: "homeassistant",
             client_id: "imaged-1a2b",
             status: "imaged/imaged-1a2b/status",
+            online: "online",
+            offline: "offline",
             stored,
         }
     }

@@ -303,6 +303,8 @@ impl Status {
             prefix,
             client_id: &self.settings.client_id,
             status,
+            online: ONLINE,
+            offline: OFFLINE,
             stored: &self.settings.stored,
         };
         let configs = match new_camera {
