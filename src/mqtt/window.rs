@@ -112,7 +112,8 @@ impl<T> PublishWindow<T> {
     /// as far as there are ids.
     fn ids_free(&self, ids: u16) -> bool {
         let needed = self.unnumbered.len() + 1;
-        if needed > usize::from(ids) {
+        // A subscribe among them takes one more id, which must not wrap onto the first publish's.
+        if needed > usize::from(ids).saturating_sub(SPARE_IDS).max(1) {
             return false;
         }
         let mut id = self.last_id;
@@ -243,17 +244,22 @@ mod tests {
     }
 
     #[test]
-    fn with_few_ids_every_id_must_be_free_and_no_more_may_wait_than_there_are_ids() {
+    fn with_few_ids_every_id_must_be_free_and_one_publish_at_a_time_waits() {
         assert!(on_wire(&[], 3).ids_free(3));
         assert!(!on_wire(&[1], 3).ids_free(3));
         let mut w = on_wire(&[], 3);
-        w.unnumbered.extend([0, 0]);
-        assert!(w.ids_free(3));
         w.unnumbered.push_back(0);
-        assert!(
-            !w.ids_free(3),
-            "a fourth publish would get the first one's id"
-        );
+        assert!(!w.ids_free(3));
+    }
+
+    #[test]
+    fn publishes_waiting_for_ids_leave_room_for_subscribes_even_with_every_id_free() {
+        // After a reconnect nothing may be on the wire; the resubscribe still takes an id among them.
+        let mut w = on_wire(&[], 11);
+        w.unnumbered.extend([0; 15]);
+        assert!(w.ids_free(20));
+        w.unnumbered.push_back(0);
+        assert!(!w.ids_free(20));
     }
 
     #[test]
