@@ -666,7 +666,7 @@ impl Session {
     }
 
     fn received(&mut self, publish: Publish) -> Result<(), PipelineStopped> {
-        if self.status.birth_topic().as_deref() == Some(publish.topic.as_str()) {
+        if self.status.is_birth(&publish.topic) {
             self.birth(&publish);
             return Ok(());
         }

@@ -72,6 +72,13 @@ impl Settings {
             .as_ref()
             .map(|p| format!("{p}/status"))
     }
+
+    /// Whether `topic` is [`Settings::birth_topic`]; asked of every incoming publish, so it builds no string.
+    pub fn is_birth(&self, topic: &str) -> bool {
+        self.discovery_prefix
+            .as_deref()
+            .is_some_and(|p| topic.strip_suffix("/status") == Some(p))
+    }
 }
 
 /// One message to publish: QoS 1.
@@ -205,6 +212,10 @@ impl Status {
 
     pub fn birth_topic(&self) -> Option<String> {
         self.settings.birth_topic()
+    }
+
+    pub fn is_birth(&self, topic: &str) -> bool {
+        self.settings.is_birth(topic)
     }
 
     /// Subscribed on a new connection: `online`, the stats, and discovery of every camera.
@@ -344,6 +355,17 @@ mod tests {
             broker: "localhost:1883".into(),
             cameras_file: dir.join("cameras"),
         }
+    }
+
+    #[test]
+    fn only_home_assistants_status_topic_is_its_birth_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let on = settings(dir.path(), true);
+        assert!(on.is_birth("homeassistant/status"));
+        assert!(!on.is_birth("homeassistant/status/x"));
+        assert!(!on.is_birth("xhomeassistant/status"));
+        assert!(!on.is_birth("image/upload"));
+        assert!(!settings(dir.path(), false).is_birth("homeassistant/status"));
     }
 
     #[test]
