@@ -204,7 +204,7 @@ impl Default for Storage {
             state_dir: None,
             max_image_bytes: 32 * 1024 * 1024,
             file_mode: FileMode(0o640),
-            writers: 4,
+            writers: 16,
             dedup_window: 100_000,
             path: Template::default(),
             quarantine_max_size: Size(100_000_000),
