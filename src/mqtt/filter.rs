@@ -205,6 +205,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for Filter<S> {
                 }
                 continue;
             }
+            if let State::Pass(left) = &mut this.state {
+                // A body with nothing buffered goes straight into `out`: one copy less of every image.
+                let room = out.initialize_unfilled_to(out.remaining().min(*left));
+                let mut read = ReadBuf::new(room);
+                return match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        let n = read.filled().len();
+                        out.advance(n);
+                        *left -= n;
+                        if *left == 0 {
+                            this.state = State::Header(Vec::with_capacity(5));
+                        }
+                        Poll::Ready(Ok(()))
+                    }
+                    other => other,
+                };
+            }
             let mut read = ReadBuf::new(&mut this.scratch);
             match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) => {

@@ -143,7 +143,8 @@ async fn relay<B: AsyncRead + AsyncWrite + Unpin>(
 }
 
 async fn pump(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+    // Large enough that a megabyte image crosses in a few reads and writes, not sixteen of each.
+    let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
