@@ -5,7 +5,7 @@ CARGO ?= cargo
 # apt-get needs root: use sudo when not root.
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: all build demo test deps lint unit deb package-test bench bench-smoke bench-deps torture powercut bench-retention clean
+.PHONY: all build demo test deps lint unit deb package-test bench bench-smoke bench-deps bench-journald torture powercut bench-retention clean
 
 all: build
 
@@ -92,6 +92,10 @@ bench: bench-deps
 bench-smoke: bench-deps
 	$(CARGO) build --release
 	$(CARGO) bench --bench bench -- --smoke
+
+# What the `info` lines cost in journald: the package in the systemd sandbox at info and at warn (root).
+bench-journald:
+	./benches/journald.sh
 
 # The fault scenarios at scale: at least 1,000 faults over at least 100,000 images, then the summary table
 # (docs/RELIABILITY.md). Needs root for the disk faults (tmpfs). TORTURE_ARGS='--minutes 50' etc.
