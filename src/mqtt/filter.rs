@@ -11,7 +11,8 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 /// What a cut payload is replaced by: this, then the payload's size as 8 bytes, big-endian. A camera cannot
 /// harm anything by sending it: such a payload is refused as oversized, as a JPEG never starts like this.
-const MARKER: &[u8] = b"\0imaged: payload over the packet limit, dropped unread; bytes: ";
+pub(super) const MARKER: &[u8] =
+    b"\0imaged: payload over the packet limit, dropped unread; bytes: ";
 
 /// The size of the payload a marker stands for, when `payload` is one.
 pub fn cut_size(payload: &[u8]) -> Option<usize> {
@@ -21,6 +22,9 @@ pub fn cut_size(payload: &[u8]) -> Option<usize> {
 }
 
 const SCRATCH: usize = 64 * 1024;
+/// A packet body over this is worth a splice of its own; a read of the next header takes this much.
+const SMALL: usize = 16 * 1024;
+const HEADER_READ: usize = 16;
 
 enum State {
     /// Reading a fixed header: its bytes so far.
@@ -46,6 +50,10 @@ pub struct Filter<S> {
     /// Bytes made by the filter, to hand out before anything else.
     made: Vec<u8>,
     made_at: usize,
+    /// The reader splices bodies past the filter ([`Filter::passing`]): after a large packet, read only
+    /// the next header's first bytes, so that its body too is left in the socket for the splice.
+    splicing: bool,
+    large: bool,
 }
 
 impl<S> Filter<S> {
@@ -59,7 +67,40 @@ impl<S> Filter<S> {
             at: 0,
             made: Vec::new(),
             made_at: 0,
+            splicing: false,
+            large: false,
         }
+    }
+
+    /// For a reader that moves bodies itself while [`Filter::passing`] says it may.
+    pub fn splicing(mut self) -> Filter<S> {
+        self.splicing = true;
+        self
+    }
+
+    /// How much of a packet's body may go by without the filter looking at it: nothing of it is buffered
+    /// here, and what the filter made is handed out.
+    pub fn passing(&self) -> Option<usize> {
+        match self.state {
+            State::Pass(left) if self.at == self.filled && self.made_at == self.made.len() => {
+                Some(left)
+            }
+            _ => None,
+        }
+    }
+
+    /// `n` bytes of the body [`Filter::passing`] allowed went by.
+    pub fn passed(&mut self, n: usize) {
+        if let State::Pass(left) = &mut self.state {
+            *left -= n;
+            if *left == 0 {
+                self.state = State::Header(Vec::with_capacity(5));
+            }
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
     }
 
     /// Looks at the bytes read and not yet looked at, as far as the state takes them; what rumqttc is to get
@@ -87,6 +128,7 @@ impl<S> Filter<S> {
                 }
                 self.at += used;
                 if let Some(remaining) = done {
+                    self.large = remaining > SMALL;
                     let header = std::mem::take(header);
                     if header[0] >> 4 == 3 && remaining > self.limit && remaining != usize::MAX {
                         self.state = State::Cut(header[0], remaining, Vec::new());
@@ -222,7 +264,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Filter<S> {
                     other => other,
                 };
             }
-            let mut read = ReadBuf::new(&mut this.scratch);
+            let ahead = if this.splicing && this.large && matches!(this.state, State::Header(_)) {
+                HEADER_READ
+            } else {
+                SCRATCH
+            };
+            let mut read = ReadBuf::new(&mut this.scratch[..ahead]);
             match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) => {
                     let n = read.filled().len();

@@ -11,6 +11,7 @@ mod local_broker;
 mod options;
 mod poller;
 mod relay;
+mod splice;
 mod tls;
 mod window;
 

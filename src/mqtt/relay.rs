@@ -15,9 +15,12 @@ use std::time::Duration;
 use rumqttc::{ConnectionError, TlsError};
 use rustls::ClientConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::UnixListener;
+use tokio::net::tcp;
+use tokio::net::unix;
+use tokio::net::{TcpStream, UnixListener, UnixStream};
 
 use super::filter::Filter;
+use super::splice::Pipe;
 
 /// Where the broker is, and how the relay reaches it.
 pub struct Relay {
@@ -74,7 +77,7 @@ impl Relay {
                 return;
             };
             match broker {
-                Broker::Tcp(s) => relay(s, local, limit, &failure).await,
+                Broker::Tcp(s) => relay_spliced(s, local, limit, &failure).await,
                 Broker::Tls(s) => relay(*s, local, limit, &failure).await,
             }
         });
@@ -88,7 +91,7 @@ impl Relay {
     }
 
     async fn connect(&self) -> Result<Broker, ConnectionError> {
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
         // Nagle's algorithm alone adds tens of milliseconds to every small image at low load.
         tcp.set_nodelay(true)?;
         let Some(config) = &self.tls else {
@@ -106,12 +109,12 @@ impl Relay {
 }
 
 enum Broker {
-    Tcp(tokio::net::TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>),
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// The next connection from imaged's own process.
-async fn accept(listener: &UnixListener) -> io::Result<tokio::net::UnixStream> {
+async fn accept(listener: &UnixListener) -> io::Result<UnixStream> {
     let me = i32::try_from(std::process::id()).ok();
     loop {
         let (stream, _) = listener.accept().await?;
@@ -125,7 +128,7 @@ async fn accept(listener: &UnixListener) -> io::Result<tokio::net::UnixStream> {
 /// kept in `failure` before rumqttc's side closes, so the poller finds it when rumqttc reports the close.
 async fn relay<B: AsyncRead + AsyncWrite + Unpin>(
     broker: B,
-    local: tokio::net::UnixStream,
+    local: UnixStream,
     limit: usize,
     failure: &Mutex<Option<io::Error>>,
 ) {
@@ -142,14 +145,170 @@ async fn relay<B: AsyncRead + AsyncWrite + Unpin>(
     // Whichever way ended ends both: the halves close both connections as they go.
 }
 
+/// As [`relay`], for a plain TCP connection: the bodies of publishes and everything rumqttc sends are spliced
+/// (moved inside the kernel), only the rest passes through imaged.
+async fn relay_spliced(
+    broker: TcpStream,
+    local: UnixStream,
+    limit: usize,
+    failure: &Mutex<Option<io::Error>>,
+) {
+    let (from_broker, mut to_broker) = broker.into_split();
+    let (mut from_local, mut to_local) = local.into_split();
+    let mut filtered = Filter::new(from_broker, limit).splicing();
+    let ended = tokio::select! {
+        down = down_spliced(&mut filtered, &mut to_local) => down,
+        up = up_spliced(&mut from_local, &mut to_broker) => up,
+    };
+    if let Err(e) = ended {
+        *failure.lock().expect("not poisoned") = Some(e);
+    }
+}
+
+async fn down_spliced(
+    from: &mut Filter<tcp::OwnedReadHalf>,
+    to: &mut unix::OwnedWriteHalf,
+) -> io::Result<()> {
+    let mut pipe = Pipe::new().ok();
+    let mut buf = vec![0u8; BUFFER];
+    loop {
+        if let (Some(p), Some(left)) = (&pipe, from.passing()) {
+            match p.carry(from.get_ref().as_ref(), to.as_ref(), left).await {
+                Ok(0) => return to.shutdown().await,
+                Ok(n) => from.passed(n),
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => pipe = None,
+                Err(e) => return Err(e),
+            }
+            continue;
+        }
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+    }
+}
+
+async fn up_spliced(
+    from: &mut unix::OwnedReadHalf,
+    to: &mut tcp::OwnedWriteHalf,
+) -> io::Result<()> {
+    if let Ok(pipe) = Pipe::new() {
+        loop {
+            match pipe.carry(from.as_ref(), to.as_ref(), usize::MAX).await {
+                Ok(0) => return to.shutdown().await,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => break,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    pump(from, to).await
+}
+
+/// Large enough that a megabyte image crosses in a few reads and writes, not sixteen of each.
+const BUFFER: usize = 256 * 1024;
+
 async fn pump(mut from: impl AsyncRead + Unpin, mut to: impl AsyncWrite + Unpin) -> io::Result<()> {
-    // Large enough that a megabyte image crosses in a few reads and writes, not sixteen of each.
-    let mut buf = vec![0u8; 256 * 1024];
+    let mut buf = vec![0u8; BUFFER];
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
             return to.shutdown().await;
         }
         to.write_all(&buf[..n]).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::super::filter::{cut_size, MARKER};
+    use super::*;
+
+    fn publish(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+        let mut body = u16::try_from(topic.len()).unwrap().to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.extend_from_slice(payload);
+        let mut packet = vec![0x32];
+        let mut len = body.len();
+        while len >= 0x80 {
+            packet.push(u8::try_from(len & 0x7F).unwrap() | 0x80);
+            len >>= 7;
+        }
+        packet.push(u8::try_from(len).unwrap());
+        packet.extend(body);
+        packet
+    }
+
+    #[tokio::test]
+    async fn a_spliced_relay_passes_what_both_sides_send_unchanged_and_still_cuts_a_publish_over_the_limit(
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, imaged) = tokio::join!(listener.accept(), TcpStream::connect(addr));
+        let (mut broker, _) = accepted.unwrap();
+        let (local, mut rumqttc) = UnixStream::pair().unwrap();
+        let failure = Mutex::new(None);
+
+        let big = publish("a", 1, &vec![0xAB; 300_000]);
+        let ack = vec![0x40, 2, 0, 9];
+        let small = publish("c", 3, &[1, 2, 3]);
+        let down = [
+            big.clone(),
+            ack.clone(),
+            publish("b", 2, &vec![0xCD; 600_000]),
+            small.clone(),
+            big.clone(),
+        ]
+        .concat();
+        let up: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+
+        let relay = relay_spliced(imaged.unwrap(), local, 500_000, &failure);
+        let test = async {
+            // rumqttc's side first, while the broker's stays open: either side's end ends the relay.
+            let (mut from_broker, mut to_broker) = broker.split();
+            let mut got_up = vec![0u8; up.len()];
+            let (sent, got) =
+                tokio::join!(rumqttc.write_all(&up), from_broker.read_exact(&mut got_up));
+            sent.unwrap();
+            got.unwrap();
+            assert!(
+                got_up == up,
+                "what rumqttc sent reaches the broker unchanged"
+            );
+
+            let mut got_down = Vec::new();
+            let (sent, got) = tokio::join!(
+                async {
+                    to_broker.write_all(&down).await?;
+                    to_broker.shutdown().await
+                },
+                rumqttc.read_to_end(&mut got_down)
+            );
+            sent.unwrap();
+            got.unwrap();
+            got_down
+        };
+        let ((), got) =
+            tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(relay, test) })
+                .await
+                .expect("the relay does not hang");
+
+        let head = [big.as_slice(), &ack].concat();
+        let tail = [small.as_slice(), &big].concat();
+        assert!(got.starts_with(&head) && got.ends_with(&tail));
+        let cut = &got[head.len()..got.len() - tail.len()];
+        // First byte, one length byte, the topic "b" and packet id 2, then the marker for 600,000 bytes.
+        assert_eq!(cut.len(), 7 + MARKER.len() + 8);
+        assert_eq!(
+            &cut[..7],
+            &[0x32, u8::try_from(cut.len() - 2).unwrap(), 0, 1, b'b', 0, 2]
+        );
+        assert_eq!(cut_size(&cut[7..]), Some(600_000));
+        assert!(failure.lock().unwrap().is_none());
     }
 }
