@@ -213,7 +213,7 @@ pub fn pass(
             catalog::Item::Line(line, next) => (line, next),
         };
         if tidying {
-            if image_dir.join(&line.name).symlink_metadata().is_err() {
+            if !holds(&image_dir.join(&line.name), &line) {
                 report.vanished += 1;
                 tally.stored = tally.stored.saturating_sub(line.size);
                 tally.images = tally.images.saturating_sub(1);
@@ -279,8 +279,10 @@ fn delete(
     report: &mut Report,
 ) -> Result<bool, PathError> {
     let path = image_dir.join(&line.name);
-    let existed = if options.dry_run {
-        path.symlink_metadata().is_ok()
+    let existed = if !holds(&path, &line) {
+        false
+    } else if options.dry_run {
+        true
     } else {
         match storage::remove_if_present(&path) {
             Ok(existed) => existed,
@@ -310,6 +312,13 @@ fn delete(
     }
     report.newest = Some(line);
     Ok(true)
+}
+
+/// Whether `path` still holds the image `line` lists. A pass killed before its checkpoint runs again from the
+/// one before, over lines whose files it had deleted; meanwhile a later image stored in the same second may
+/// have been given one of those names again, and its size tells it apart.
+fn holds(path: &Path, line: &Line) -> bool {
+    path.symlink_metadata().is_ok_and(|m| m.len() == line.size)
 }
 
 /// Makes the deletions durable, then the checkpoint that says they are done.
@@ -597,5 +606,28 @@ mod tests {
         .unwrap();
         assert_eq!((report.deleted, report.vanished), (0, 2));
         assert_eq!((store.checkpoint.images, store.checkpoint.bytes), (1, 10));
+    }
+
+    #[test]
+    fn a_pass_run_again_after_a_crash_keeps_a_later_image_that_was_given_a_deleted_images_name() {
+        let state = tempfile::tempdir().unwrap();
+        let images = tempfile::tempdir().unwrap();
+        let (mut store, mut writer, _) = catalog::open(state.path(), 1, || false).unwrap();
+        let mut lines = stored(images.path(), &[(1, 10, "a.jpg"), (2, 10, "b.jpg")]);
+        writer.append(&lines).unwrap();
+        // A pass deleted a.jpg and was killed before its checkpoint; a later image then got the name again.
+        std::fs::remove_file(images.path().join("a.jpg")).unwrap();
+        lines = stored(images.path(), &[(3, 25, "a.jpg")]);
+        writer.append(&lines).unwrap();
+        let room_for_the_newest = policy(25, 0, FreeSpace::Bytes(Size(0)));
+        let report = run(&mut store, images.path(), &room_for_the_newest, &[]);
+        // The first line's image is gone already; b.jpg goes, and then the later a.jpg fits.
+        assert_eq!((report.deleted, report.vanished), (1, 1));
+        assert!(!images.path().join("b.jpg").exists());
+        assert_eq!(
+            std::fs::read(images.path().join("a.jpg")).unwrap().len(),
+            25
+        );
+        assert_eq!((store.checkpoint.images, store.checkpoint.bytes), (1, 25));
     }
 }
