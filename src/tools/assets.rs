@@ -35,3 +35,50 @@ pub fn run(dir: &Path) -> Result<(), PathError> {
 fn write(path: &Path, bytes: &[u8]) -> Result<(), PathError> {
     fs::write(path, bytes).at("write", path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::CONFIG_PAGE;
+
+    #[test]
+    fn the_config_page_gives_each_default_as_the_shipped_config_sets_it() {
+        let shipped: toml::Table = include_str!("../../config/imaged.toml").parse().unwrap();
+        let mut section = "";
+        let mut checked = 0;
+        for line in CONFIG_PAGE.lines() {
+            if let Some(name) = line
+                .strip_prefix(".SH \"SECTION [")
+                .and_then(|l| l.strip_suffix("]\""))
+            {
+                section = name;
+                continue;
+            }
+            let Some((key, doc)) = line.strip_prefix(".BR ").and_then(|l| l.split_once(' ')) else {
+                continue;
+            };
+            let Some((_, default)) = doc.split_once("default") else {
+                continue;
+            };
+            let Some(value) = shipped.get(section).and_then(|t| t.get(key)) else {
+                continue;
+            };
+            // The page quotes and escapes for roff, and may go on after the value ("; applied by a reload").
+            let shown: String = default
+                .replace("\\(dq", "")
+                .replace("\\-", "-")
+                .chars()
+                .filter(|c| !matches!(c, '"' | ' ' | ')'))
+                .collect();
+            let want = match value {
+                toml::Value::String(s) => s.replace(' ', ""),
+                v => v.to_string(),
+            };
+            assert!(
+                shown.starts_with(&want),
+                "imaged.toml(5), [{section}] {key}: default{default}; config/imaged.toml: {want}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} defaults found in the page");
+    }
+}
