@@ -53,6 +53,7 @@ pub struct Filter<S> {
     /// The reader splices bodies past the filter ([`Filter::passing`]): after a large packet, read only
     /// the next header's first bytes, so that its body too is left in the socket for the splice.
     splicing: bool,
+    /// The last header read was of a packet over [`SMALL`].
     large: bool,
 }
 
