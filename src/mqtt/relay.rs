@@ -160,6 +160,7 @@ async fn relay_spliced(
         down = down_spliced(&mut filtered, &mut to_local) => down,
         up = up_spliced(&mut from_local, &mut to_broker) => up,
     };
+    // Here, not in the caller: the halves still hold both connections open until it is kept.
     if let Err(e) = ended {
         *failure.lock().expect("not poisoned") = Some(e);
     }
