@@ -130,7 +130,7 @@ fn a_reload_switches_the_upload_filter_log_level_and_retention_and_names_the_key
 ) {
     let broker = Broker::start();
     let notify = Notify::new();
-    let daemon = daemon_with_notify(&broker, "[retention]\nmin_free = \"0\"\n", &notify);
+    let daemon = daemon_with_notify(&broker, "", &notify);
     let old: Vec<Vec<u8>> = (0..5).map(|i| jpeg(42_000 + i, 40_000)).collect();
     for image in &old {
         assert!(broker.mosquitto_pub("image/upload", image));

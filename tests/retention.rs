@@ -102,7 +102,7 @@ fn max_size_keeps_three_cameras_within_one_image_under_the_limit_with_the_newest
         broker.port,
         "[topics]\nupload = \"image/upload/+\"\n\
          [storage]\npath = \"{camera}/%Y-%m-%d/image_%Y%m%d-%H%M%S.jpg\"\n\
-         [retention]\nmax_size = \"2MB\"\nmin_free = \"0\"\n",
+         [retention]\nmax_size = \"2MB\"\n",
         &[],
     );
     daemon.wait_ready();
@@ -169,7 +169,7 @@ fn unconfirm(state: &Path, names: &HashSet<String>) {
 #[test]
 fn an_image_the_broker_has_not_confirmed_is_kept_over_max_size_and_goes_once_confirmed() {
     let mut broker = Broker::start();
-    let mut daemon = Daemon::start_with(broker.port, "[retention]\nmin_free = \"0\"\n", &[]);
+    let mut daemon = Daemon::start_with(broker.port, "", &[]);
     daemon.wait_ready();
     let images: Vec<Vec<u8>> = (0..100).map(|i| jpeg(300 + i, 10_000)).collect();
     for image in &images {
@@ -226,7 +226,7 @@ fn max_age_deletes_what_a_clock_moved_three_days_on_finds_old_and_removes_the_fo
         broker.port,
         "[topics]\nupload = \"image/upload/+\"\n\
          [storage]\npath = \"{camera}/%Y-%m-%d/image_%Y%m%d-%H%M%S.jpg\"\n\
-         [retention]\nmax_age = \"1d\"\nmin_free = \"0\"\n",
+         [retention]\nmax_age = \"1d\"\n",
         &[],
     );
     daemon.wait_ready();
@@ -479,7 +479,7 @@ fn kill_9_during_retention_passes_loses_nothing_unconfirmed_and_leaves_index_and
         broker.port,
         "[topics]\nupload = \"image/upload/+\"\n\
          [storage]\npath = \"{camera}/%Y-%m-%d/%H%M%S/image_%Y%m%d-%H%M%S.jpg\"\n\
-         [retention]\nmax_size = \"300KB\"\nmin_free = \"0\"\n",
+         [retention]\nmax_size = \"300KB\"\n",
         &[],
     );
     daemon.wait_ready();
@@ -582,10 +582,7 @@ fn kill_9_in_the_middle_of_a_long_pass_then_a_restart_finishes_it_and_never_pass
     let port = free_port();
     let mut daemon = Daemon::prepare(
         port,
-        &format!(
-            "[retention]\nmax_size = \"{}\"\nmin_free = \"0\"\n",
-            5_000 * SIZE
-        ),
+        &format!("[retention]\nmax_size = \"{}\"\n", 5_000 * SIZE),
         &[],
     );
     let state = daemon.images.join(".imaged");
@@ -700,7 +697,7 @@ fn start_up_on_50000_stored_images_is_ready_within_2s_and_a_pass_deleting_1000_r
 fn an_upgraded_install_gets_its_images_under_retention_once_after_ready_and_its_old_temp_files_removed(
 ) {
     let broker = Broker::start();
-    let mut daemon = Daemon::start_with(broker.port, "[retention]\nmin_free = \"0\"\n", &[]);
+    let mut daemon = Daemon::start_with(broker.port, "", &[]);
     daemon.wait_ready();
     let images: Vec<Vec<u8>> = (0..60).map(|i| jpeg(800 + i, 10_000)).collect();
     for image in &images {
@@ -804,11 +801,7 @@ fn a_sender_spraying_garbage_cannot_grow_the_quarantine_beyond_its_bound_and_sta
 fn prune_dry_run_says_what_would_go_and_deletes_nothing_and_prune_runs_a_pass_with_or_without_the_daemon(
 ) {
     let broker = Broker::start();
-    let mut daemon = Daemon::start_with(
-        broker.port,
-        "[retention]\nmax_age = \"1h\"\nmin_free = \"0\"\n",
-        &[],
-    );
+    let mut daemon = Daemon::start_with(broker.port, "[retention]\nmax_age = \"1h\"\n", &[]);
     daemon.wait_ready();
     let images: Vec<Vec<u8>> = (0..30).map(|i| jpeg(900 + i, 5_000)).collect();
     for image in &images {

@@ -1107,13 +1107,10 @@ fn images_and_quarantined_payloads_get_the_file_mode_and_folders_0750_whatever_t
         (0o077, Some("0644"), 0o644),
     ] {
         let broker = Broker::start();
-        let mut daemon = Daemon::prepare(broker.port, "", &[]);
-        if let Some(m) = file_mode {
-            // The config ends with its [storage] section.
-            let mut text = fs::read_to_string(&daemon.config).unwrap();
-            text += &format!("file_mode = \"{m}\"\n");
-            fs::write(&daemon.config, text).unwrap();
-        }
+        let extra = file_mode.map_or(String::new(), |m| {
+            format!("[storage]\nfile_mode = \"{m}\"\n")
+        });
+        let mut daemon = Daemon::prepare(broker.port, &extra, &[]);
         daemon.spawn_with_umask(umask);
         daemon.wait_ready();
         assert!(broker.mosquitto_pub("image/upload", &jpeg(umask as u64, 3000)));

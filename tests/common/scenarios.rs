@@ -333,9 +333,8 @@ pub fn disk_faults(seed: u64, n_images: usize, n_faults: usize) -> Run {
     // The index on its own small disk, filled with the images' disk: a file open for writing on the images'
     // disk would make the read-only remount fail with EBUSY.
     let state = Tmpfs::mount(16);
-    // min_free "0": the fault is a disk that refuses writes, not one that retention keeps from filling up.
     let extra = format!(
-        "[storage]\ndir = \"{}/images\"\nstate_dir = \"{}/state\"\n[retention]\nmin_free = \"0\"\n",
+        "[storage]\ndir = \"{}/images\"\nstate_dir = \"{}/state\"\n",
         disk.path.display(),
         state.path.display()
     );

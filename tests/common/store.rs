@@ -146,10 +146,7 @@ pub fn start_on_a_prepared_store(n: usize) -> (Duration, u64, u64) {
     let total = n as u64 * SIZE;
     let mut daemon = Daemon::prepare(
         broker.port,
-        &format!(
-            "[retention]\nmax_size = \"{}\"\nmin_free = \"0\"\n",
-            total - 1000 * SIZE
-        ),
+        &format!("[retention]\nmax_size = \"{}\"\n", total - 1000 * SIZE),
         &[],
     );
     let state = daemon.images.join(".imaged");
