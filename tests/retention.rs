@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::load::publish_each;
 use common::scenarios::{can_mount, Tmpfs};
@@ -691,6 +691,41 @@ fn start_up_on_50000_stored_images_is_ready_within_2s_and_a_pass_deleting_1000_r
         ready.as_millis()
     );
     assert!(ready < Duration::from_secs(2), "ready after {ready:?}");
+}
+
+#[test]
+fn a_stop_while_uploads_wait_for_free_space_does_not_wait_for_them_and_the_broker_delivers_them_after_a_restart(
+) {
+    let broker = Broker::start();
+    // All of the filesystem to be kept free: every upload waits for room that never comes.
+    let mut daemon = Daemon::start_with(
+        broker.port,
+        "[retention]\nmin_free = \"100%\"\n[log]\nlevel = \"debug\"\n",
+        &[],
+    );
+    daemon.wait_ready();
+    let images: Vec<Vec<u8>> = (0..3).map(|i| jpeg(1_100 + i, 5_000)).collect();
+    for image in &images {
+        assert!(broker.mosquitto_pub("image/upload", image));
+    }
+    wait_until("an upload held for room", Duration::from_secs(10), || {
+        daemon.log().contains("holding uploads")
+    });
+    let stopping = Instant::now();
+    assert!(daemon.terminate().success());
+    // The deadline for images that are being stored is 20 s.
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "the stop took {:?}:\n{}",
+        stopping.elapsed(),
+        daemon.log()
+    );
+    assert_eq!(daemon.stored_count(), 0);
+
+    daemon.reconfigure("[retention]\nmin_free = \"0\"\n");
+    daemon.spawn();
+    daemon.wait_stored(images.len(), Duration::from_secs(10));
+    assert_each_stored_once(&daemon.images, &images);
 }
 
 #[test]

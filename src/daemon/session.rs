@@ -114,6 +114,13 @@ pub fn ping_due(last_ping: Instant, keep_alive: Duration, now: Instant) -> bool 
     now >= last_ping + keep_alive / 2
 }
 
+/// Whether a stop has nothing more to wait for from the pipeline: every ack is out, and no upload is in
+/// flight, or those that are wait for the disk (free space below `retention.min_free`, or writes refused),
+/// which a stop cannot wait out. Unacknowledged, they come again from the broker at the next start.
+pub fn stop_settled(inflight_images: usize, acks_pending: bool, disk_waits: bool) -> bool {
+    !acks_pending && (inflight_images == 0 || disk_waits)
+}
+
 /// The decision of whether an upload's ack may go out now.
 pub fn ack_allowed(upload_gen: u64, current_gen: u64, connected: bool) -> bool {
     connected && upload_gen == current_gen
@@ -394,8 +401,10 @@ impl Session {
             );
             return true;
         }
-        let settled = self.inflight_images == 0 && self.acks.is_empty();
-        if !settled {
+        let stats = &self.health.stats;
+        let disk_waits =
+            stats.space_low.load(Ordering::Relaxed) || stats.disk_trouble.load(Ordering::Relaxed);
+        if !stop_settled(self.inflight_images, !self.acks.is_empty(), disk_waits) {
             return false;
         }
         if !self.connected || self.disconnected {
@@ -850,6 +859,16 @@ pub struct PipelineStopped;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stop_waits_for_uploads_being_stored_but_not_for_those_waiting_for_the_disk_and_never_for_unsent_acks(
+    ) {
+        assert!(stop_settled(0, false, false));
+        assert!(!stop_settled(3, false, false));
+        assert!(stop_settled(3, false, true));
+        assert!(!stop_settled(0, true, false));
+        assert!(!stop_settled(3, true, true));
+    }
 
     #[test]
     fn only_a_remembered_filter_other_than_the_configured_one_is_unsubscribed() {
