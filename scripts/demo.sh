@@ -55,6 +55,13 @@ sleep 0.5
 
 echo "== imaged send sample.jpg"
 "$IMAGED" --config "$work/imaged.toml" send sample.jpg
+# Not a hang when the image does not come through (a disk short of retention.min_free, say): imaged says why.
+for _ in $(seq 150); do kill -0 "$receiver" 2>/dev/null || break; sleep 0.1; done
+if kill -0 "$receiver" 2>/dev/null; then
+    cat "$work/imaged.log" >&2
+    echo "demo: sample.jpg did not come back on image/stored within 15 s; imaged's log is above" >&2
+    exit 1
+fi
 wait "$receiver"
 
 echo "== the daemon said:"
