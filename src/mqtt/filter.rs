@@ -90,7 +90,7 @@ impl<S> Filter<S> {
         }
     }
 
-    /// `n` bytes of the body [`Filter::passing`] allowed went by.
+    /// `n` bytes of the body being passed went by, here or past the filter ([`Filter::passing`]).
     pub fn passed(&mut self, n: usize) {
         if let State::Pass(left) = &mut self.state {
             *left -= n;
@@ -248,18 +248,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Filter<S> {
                 }
                 continue;
             }
-            if let State::Pass(left) = &mut this.state {
+            if let State::Pass(left) = this.state {
                 // A body with nothing buffered goes straight into `out`: one copy less of every image.
-                let room = out.initialize_unfilled_to(out.remaining().min(*left));
+                let room = out.initialize_unfilled_to(out.remaining().min(left));
                 let mut read = ReadBuf::new(room);
                 return match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
                     Poll::Ready(Ok(())) => {
                         let n = read.filled().len();
                         out.advance(n);
-                        *left -= n;
-                        if *left == 0 {
-                            this.state = State::Header(Vec::with_capacity(5));
-                        }
+                        this.passed(n);
                         Poll::Ready(Ok(()))
                     }
                     other => other,
@@ -288,14 +285,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Filter<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
 
-    fn publish(qos: u8, topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    /// A PUBLISH packet; a QoS 0 one has no packet id.
+    pub(in crate::mqtt) fn publish(qos: u8, topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
         let mut body = u16::try_from(topic.len()).unwrap().to_be_bytes().to_vec();
         body.extend_from_slice(topic.as_bytes());
         if qos > 0 {

@@ -226,24 +226,9 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    use super::super::filter::tests::publish;
     use super::super::filter::{cut_size, MARKER};
     use super::*;
-
-    fn publish(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
-        let mut body = u16::try_from(topic.len()).unwrap().to_be_bytes().to_vec();
-        body.extend_from_slice(topic.as_bytes());
-        body.extend_from_slice(&pkid.to_be_bytes());
-        body.extend_from_slice(payload);
-        let mut packet = vec![0x32];
-        let mut len = body.len();
-        while len >= 0x80 {
-            packet.push(u8::try_from(len & 0x7F).unwrap() | 0x80);
-            len >>= 7;
-        }
-        packet.push(u8::try_from(len).unwrap());
-        packet.extend(body);
-        packet
-    }
 
     #[tokio::test]
     async fn a_spliced_relay_passes_what_both_sides_send_unchanged_and_still_cuts_a_publish_over_the_limit(
@@ -255,13 +240,13 @@ mod tests {
         let (local, mut rumqttc) = UnixStream::pair().unwrap();
         let failure = Mutex::new(None);
 
-        let big = publish("a", 1, &vec![0xAB; 300_000]);
+        let big = publish(1, "a", 1, &vec![0xAB; 300_000]);
         let ack = vec![0x40, 2, 0, 9];
-        let small = publish("c", 3, &[1, 2, 3]);
+        let small = publish(1, "c", 3, &[1, 2, 3]);
         let down = [
             big.clone(),
             ack.clone(),
-            publish("b", 2, &vec![0xCD; 600_000]),
+            publish(1, "b", 2, &vec![0xCD; 600_000]),
             small.clone(),
             big.clone(),
         ]
